@@ -78,8 +78,50 @@ def load_pairs(path: str | Path) -> datasets.Dataset:
         raise PairDataError(f"{path}: unknown file type {path.suffix!r}. Use .jsonl, .json, .parquet or a saved datasets directory.")
     if len(dataset) == 0:
         raise PairDataError(f"{path} holds no rows. Give it at least one prompt/chosen/rejected pair.")
+    layout = detect_layout(dataset.column_names)
+    if layout != "pairs":
+        dataset = datasets.Dataset.from_list([LAYOUT_ADAPTERS[layout](row) for row in dataset])
     dataset.info.description = str(path)
     return dataset
+
+
+# Other public layouts, converted to conversational prompt/chosen/rejected on load (files stay untouched).
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant", "observation": "tool", "function_call": "assistant"}
+
+
+def from_sharegpt(row: dict) -> dict:
+    """LLaMA-Factory preference layout: conversations [{from, value}], chosen/rejected {from: gpt, value}."""
+    prompt = [{"role": SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in row["conversations"]]
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}],
+    }
+
+
+def from_llmbar(row: dict) -> dict:
+    """LLMBar / MT-Bench judgments: input, output_1, output_2, label ("1" or "2" names the better output)."""
+    label = str(row["label"])
+    if label not in ("1", "2"):
+        raise PairDataError(f"LLMBar row: label must be 1 or 2, got {row['label']!r}.")
+    better, worse = ("output_1", "output_2") if label == "1" else ("output_2", "output_1")
+    return {
+        "prompt": [{"role": "user", "content": row["input"]}],
+        "chosen": [{"role": "assistant", "content": row[better]}],
+        "rejected": [{"role": "assistant", "content": row[worse]}],
+    }
+
+
+LAYOUT_ADAPTERS = {"sharegpt": from_sharegpt, "llmbar": from_llmbar}
+
+
+def detect_layout(columns: list[str]) -> str:
+    """'sharegpt', 'llmbar', or 'pairs' (rmtorch's own prompt/chosen/rejected or *_ids columns)."""
+    if {"conversations", "chosen", "rejected"} <= set(columns):
+        return "sharegpt"
+    if {"input", "output_1", "output_2", "label"} <= set(columns):
+        return "llmbar"
+    return "pairs"
 
 
 def _read_json_rows(path: Path) -> list[dict]:

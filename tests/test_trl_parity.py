@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rmtorch.data import PairCollator, tokenize_pairs
-from rmtorch.loss import pairwise_loss
+from rmtorch.loss import eval_metrics, pairwise_loss
 from rmtorch.modeling import RewardModel, last_token_index
 from tests.conftest import save_tiny_llama, tiny_llama
 
@@ -193,3 +193,18 @@ def test_four_step_training_matches_reward_trainer(tmp_path, bos_tokenizer):  # 
     trl_losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     our_losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line and "eval_" not in line]
     assert our_losses == pytest.approx(trl_losses, abs=1e-5)
+
+
+def test_eval_loss_matches_trl_and_accuracy_is_pair_weighted(tmp_path, bos_tokenizer):  # E13, pitfall P6
+    rows = [{k: v for k, v in r.items() if k != "margin"} for r in PAIRS]  # 3 pairs, eval batch 2: batches of 2 and 1
+    model = tiny_llama(len(bos_tokenizer), pad_token_id=bos_tokenizer.pad_token_id)
+    trainer = RewardTrainer(model=copy.deepcopy(model), args=reward_config(tmp_path, per_device_eval_batch_size=2), train_dataset=datasets.Dataset.from_list(rows), eval_dataset=datasets.Dataset.from_list(rows), processing_class=copy.deepcopy(bos_tokenizer))
+    theirs = trainer.evaluate()
+    batch = _batch(bos_tokenizer, rows)
+    with torch.no_grad():
+        chosen, rejected = RewardModel(model)(batch["input_ids"], batch["attention_mask"]).chunk(2)
+    ours = eval_metrics(chosen, rejected)
+    assert ours["loss"] == pytest.approx(theirs["eval_loss"], abs=1e-6)
+    assert ours["accuracy"] == pytest.approx((chosen > rejected).float().mean().item())
+    batch_means = [(chosen[:2] > rejected[:2]).float().mean().item(), (chosen[2:] > rejected[2:]).float().mean().item()]
+    assert theirs["eval_accuracy"] == pytest.approx(sum(batch_means) / 2)  # TRL: mean of batch means

@@ -1,7 +1,12 @@
 """Atomic, resumable checkpoints: accelerator state + where the loop stood, renamed into place when complete.
 
 Layout under output_dir/checkpoints/: step-000020/ (one per save), and `latest`, a one-line file naming the
-newest complete checkpoint. A crash during a save leaves a `.tmp-*` directory and `latest` untouched.
+newest complete checkpoint. A save writes `.tmp-step-N/` and renames it only once it is complete, then
+rewrites `latest` with an atomic os.replace, so a crash at any moment leaves `latest` naming a complete
+checkpoint. Leftover `.tmp-*` directories from a crash are removed by the next save.
+
+Nothing here unpickles code: weights are safetensors, and Accelerate reads the optimizer, scheduler and RNG
+files with torch.load(weights_only=True). On several machines, output_dir must be on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -18,27 +23,37 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_last: int = 2) -> Path:
     """Every process calls this. Writes accelerator.save_state to a temp dir, then the main process renames it
-    and repoints `latest`; older checkpoints beyond `keep_last` are removed."""
+    and repoints `latest`; older checkpoints beyond `keep_last` (and any from a later step of an abandoned run)
+    are removed."""
     root = checkpoints_dir(output_dir)
     name = f"step-{loop_state['step']:06d}"
-    final_dir, tmp_dir = root / name, root / f".tmp-{name}"
+    final_dir, tmp_dir, old_dir = root / name, root / f".tmp-{name}", root / f".old-{name}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):  # saves run one at a time: these are from a crash
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp_dir.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp_dir), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp_dir / LOOP_STATE_FILE).write_text(json.dumps(loop_state, indent=2))
-        shutil.rmtree(final_dir, ignore_errors=True)
+        if final_dir.exists():  # same step saved again (e.g. after a resume): keep the old copy until the new one is in place
+            os.replace(final_dir, old_dir)
         os.replace(tmp_dir, final_dir)
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(name + "\n")
         os.replace(latest_tmp, root / "latest")  # atomic: readers see the old or the new name, never half
-        complete = sorted(p for p in root.glob("step-*") if p.is_dir())
-        for old in complete[:-keep_last]:
+        shutil.rmtree(old_dir, ignore_errors=True)
+        others = sorted((p for p in root.glob("step-*") if p.is_dir() and p != final_dir), key=_step_of)
+        older = [p for p in others if _step_of(p) < loop_state["step"]]
+        for old in [p for p in others if _step_of(p) > loop_state["step"]] + older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final_dir
@@ -46,11 +61,15 @@ def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_
 
 def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
     """'latest' → the checkpoint named by output_dir/checkpoints/latest; otherwise the given directory."""
+    root = checkpoints_dir(output_dir)
     if resume_from == "latest":
-        pointer = checkpoints_dir(output_dir) / "latest"
+        pointer = root / "latest"
         if not pointer.exists():
-            raise FileNotFoundError(f"--resume_from latest: no checkpoint under {checkpoints_dir(output_dir)} yet. Start without --resume_from.")
-        path = checkpoints_dir(output_dir) / pointer.read_text().strip()
+            raise FileNotFoundError(f"--resume_from latest: no checkpoint under {root} yet. Start without --resume_from, or check --output_dir.")
+        name = pointer.read_text().strip()
+        path = root / name
+        if not path.exists() and (root / f".old-{name}").exists():
+            path = root / f".old-{name}"  # a crash while replacing a same-step checkpoint: the old copy is complete
     else:
         path = Path(resume_from)
     if not (path / LOOP_STATE_FILE).exists():
@@ -62,3 +81,23 @@ def load_checkpoint(accelerator, path: Path) -> dict:
     """Restore model, optimizer, scheduler and RNG states; return the loop state saved with them."""
     accelerator.load_state(str(path))
     return json.loads((path / LOOP_STATE_FILE).read_text())
+
+
+def truncate_metrics(metrics_file: str | Path, step: int) -> None:
+    """Keep only the metrics lines up to `step` (a resumed run rewrites the steps after its checkpoint).
+
+    A line cut short by a crash is dropped too. The rewrite is atomic.
+    """
+    metrics_file = Path(metrics_file)
+    if not metrics_file.exists():
+        return
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, metrics_file)

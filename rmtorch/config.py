@@ -48,11 +48,24 @@ class TrainConfig:
     shuffle: bool = field(default=True, metadata={"help": "Shuffle training pairs each epoch (False: file order, as TRL's sequential sampler)."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the forward pass (loss stays fp32). Off: pure fp32."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (non-reentrant) to save memory."})
+    group_by_length: bool = field(default=False, metadata={"help": "Batch pairs of similar length (sorted within windows of 50 batches, batches shuffled) to cut padding. Changes which pairs share a batch."})
+    packing: bool = field(default=False, metadata={"help": "Padding-free batches: each batch's sequences back to back in one row with restarting positions (block attention); rewards equal the padded path to ~1e-6 in fp32."})
+    shared_prompt: bool = field(default=False, metadata={"help": "Packed rows as [prompt, chosen, rejected]: the shared prompt is computed once (implies --packing; equal to the unshared path to ~1e-6 in fp32). Logged tokens then count the prompt once."})
+    # LoRA and QLoRA
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on a frozen body; the score head is always fully trained in fp32. output_dir then holds the adapter (loads with peft or rmtorch.modeling.load_reward_model)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input (the only dropout left on: the model's own is disabled)."})
+    lora_target: str = field(default="all-linear", metadata={"help": "Layers that get adapters: 'all-linear' (every attention and MLP projection, not the head) or comma-separated names, e.g. 'q_proj,v_proj'."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the body in 4-bit nf4 with double quantization (bitsandbytes); compute in bf16 when --bf16, else fp32. Needs --lora."})
+    merge_lora: bool = field(default=False, metadata={"help": "With --lora: also write a merged plain model to output_dir/merged (loads with AutoModelForSequenceClassification, no peft). Same as `python -m rmtorch.export --adapter OUTPUT_DIR --merge`."})
     # logging and checkpoints
     log_every: int = field(default=10, metadata={"help": "Print and record metrics every N optimizer steps."})
     eval_every: int | None = field(default=None, metadata={"help": "Evaluate every N optimizer steps (None: only at the end)."})
     save_every: int | None = field(default=None, metadata={"help": "Save a resumable checkpoint every N optimizer steps (None: only at the end)."})
     resume_from: str | None = field(default=None, metadata={"help": "Checkpoint directory to resume from, or 'latest' for output_dir/checkpoints/latest."})
+    report_to: str | None = field(default="none", metadata={"help": "Also log metrics to a tracker via Accelerate: 'none' (metrics.jsonl only) or 'tensorboard' (output_dir/tensorboard)."})
+    category_column: str | None = field(default="category", metadata={"help": "Eval-data column whose values split accuracy in output_dir/report (ignored when the data has no such column)."})
 
     def __post_init__(self):
         if self.truncation not in ("drop", "keep_end"):
@@ -71,13 +84,31 @@ class TrainConfig:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.load_in_4bit and not self.lora:
+            raise ValueError("load_in_4bit needs lora: 4-bit weights cannot be fully fine-tuned. Add --lora to train adapters on the 4-bit body (QLoRA).")
+        if self.merge_lora and not self.lora:
+            raise ValueError("merge_lora needs lora: without --lora, output_dir already holds a plain model.")
+        if self.lora:
+            if not (isinstance(self.lora_r, int) and self.lora_r > 0 and self.lora_alpha > 0):
+                raise ValueError(f"lora_r and lora_alpha must be positive, got lora_r={self.lora_r!r}, lora_alpha={self.lora_alpha!r}.")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+            if not self.lora_target.strip(" ,"):
+                raise ValueError("lora_target is empty: use 'all-linear' or comma-separated layer names such as 'q_proj,v_proj'.")
+        if self.report_to not in (None, "none", "tensorboard"):
+            raise ValueError(f"report_to must be 'none' or 'tensorboard', got {self.report_to!r}.")
 
 
 def _parse_value(text: str, default):
     """Parse a CLI string with YAML rules, so `--max_steps none`, `--lr 2e-5`, `--bf16 false` all work."""
+    if text.strip().lower() in ("none", "null", "~"):
+        return None
     value = yaml.safe_load(text)
     if isinstance(value, str) and isinstance(default, float):
-        value = float(value)  # YAML 1.1 reads "2e-5" as a string
+        try:
+            value = float(value)  # YAML 1.1 reads "2e-5" as a string
+        except ValueError:
+            pass  # not a number: _check_type names the option
     return value
 
 
@@ -108,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", default=None, help="YAML file of option: value pairs; CLI options override it.")
     for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"] + f" [{f.type}]")
+        # A bool option given alone means true (`--lora`); `--bf16 false` still works.
+        bare = {"nargs": "?", "const": "true"} if f.type.startswith("bool") else {}
+        parser.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"] + f" [{f.type}]", **bare)
     return parser
 
 
@@ -131,14 +164,14 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         bad = sorted(set(loaded) - set(types))
         if bad:
             raise SystemExit(f"error: config file {path}: unknown key(s) {bad}. Valid keys: {sorted(types)}.")
-        for name, value in loaded.items():
-            values[name] = _check_type(name, value, types[name], f"config file {path}")
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    for name, default in defaults.items():
-        cli_value = getattr(args, name)
-        if cli_value is not default:  # given on the command line, as a string
-            values[name] = _check_type(name, _parse_value(cli_value, default), types[name], f"--{name}")
     try:
+        for name, value in (loaded.items() if args.config is not None else ()):
+            values[name] = _check_type(name, value, types[name], f"config file {path}")
+        for name, default in defaults.items():
+            cli_value = getattr(args, name)
+            if cli_value is not default:  # given on the command line, as a string
+                values[name] = _check_type(name, _parse_value(cli_value, default), types[name], f"--{name}")
         return TrainConfig(**values)
-    except ValueError as err:
+    except ValueError as err:  # wrong types and values: a message, not a traceback
         raise SystemExit(f"error: {err}") from None

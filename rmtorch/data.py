@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import pyarrow
 import torch
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -73,7 +74,11 @@ def load_pairs(path: str | Path) -> datasets.Dataset:
     elif path.suffix == ".parquet":
         dataset = datasets.Dataset.from_parquet(str(path))
     elif path.suffix in (".jsonl", ".json"):
-        dataset = datasets.Dataset.from_list(_read_json_rows(path))
+        rows = _read_json_rows(path)
+        try:
+            dataset = datasets.Dataset.from_list(rows)
+        except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as err:
+            raise _type_conflict(path, rows, err) from None
     else:
         raise PairDataError(f"{path}: unknown file type {path.suffix!r}. Use .jsonl, .json, .parquet or a saved datasets directory.")
     if len(dataset) == 0:
@@ -157,6 +162,40 @@ def _read_json_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _kind(value) -> str:
+    """A JSON value's shape in words: 'a string', 'a number', 'a list of objects', ..."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        plurals = {"a string": "strings", "a number": "numbers", "an object": "objects", "true/false": "true/false"}
+        items = sorted({plurals.get(_kind(item), "lists") for item in value if item is not None})
+        return "a list of " + " and ".join(items) if items else "an empty list"
+    return type(value).__name__
+
+
+def _type_conflict(path: Path, rows: list[dict], err: Exception) -> PairDataError:
+    """Arrow needs one type per column; name the first row whose field differs from the earlier rows."""
+    first_seen: dict[str, tuple[int, str]] = {}
+    for row_index, row in enumerate(rows):
+        for name, value in row.items():
+            if value is None:
+                continue
+            kind = _kind(value)
+            seen = first_seen.setdefault(name, (row_index, kind))
+            if seen[1] != kind:
+                return PairDataError(
+                    f"{path}, row {row_index}, field '{name}': {kind} here but {seen[1]} in row {seen[0]}. "
+                    f"A field must have the same type in every row (e.g. all strings, or all message lists); fix or remove row {row_index}."
+                )
+    return PairDataError(f"{path}: the rows cannot be read as one table ({err}). Give each field the same type in every row.")
+
+
 # -------------------------------------------------------------------------------------------- validation
 
 
@@ -168,7 +207,8 @@ def _check_messages(value, where: str, name: str, must_end_with_assistant: bool)
     if not isinstance(value, list) or not value:
         raise PairDataError(f"{where}, field '{name}': expected a non-empty list of messages, got {value!r:.80}.")
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        # A key missing in one row of a file arrives as None (Arrow fills it), so None counts as missing.
+        if not isinstance(message, dict) or message.get("role") is None or "content" not in message:
             raise PairDataError(f"{where}, field '{name}', message {i}: each message needs 'role' and 'content' keys, got {message!r:.80}.")
         if message["role"] not in ROLES:
             raise PairDataError(f"{where}, field '{name}', message {i}: unknown role {message['role']!r}; use one of {', '.join(ROLES)}.")
@@ -178,7 +218,7 @@ def _check_messages(value, where: str, name: str, must_end_with_assistant: bool)
         last = value[-1]
         if last["role"] != "assistant":
             raise PairDataError(f"{where}, field '{name}': the conversation must end with an assistant turn (the response to score), but it ends with {last['role']!r}.")
-        if isinstance(last["content"], str) and not last["content"].strip():
+        if not last["content"] or (isinstance(last["content"], str) and not last["content"].strip()):
             raise PairDataError(f"{where}, field '{name}': the assistant response is empty. Remove the row or fill it in.")
 
 
@@ -234,8 +274,8 @@ def validate_row(row: dict, where: str, margin_column: str | None = "margin", vo
         raise PairDataError(f"{where}: 'chosen' and 'rejected' are identical, so the pair carries no preference. Remove the row.")
     if margin_column is not None and margin_column in row:
         margin = row[margin_column]
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
-            raise PairDataError(f"{where}, field '{margin_column}': the margin must be a finite number, got {margin!r}.")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or abs(margin) > torch.finfo(torch.float32).max:
+            raise PairDataError(f"{where}, field '{margin_column}': the margin must be a finite number (float32 range), got {margin!r}. Fix the value or remove the row.")
         out["margin"] = float(margin)
     return out
 
@@ -289,6 +329,7 @@ def tokenize_pairs(
     margin_column: str | None = "margin",
     source: str | None = None,
     return_report: bool = False,
+    keep_columns: list[str] | tuple[str, ...] = (),
 ):
     """Validate and tokenize preference rows into a `datasets.Dataset` of `chosen_ids`, `rejected_ids` (, `margin`).
 
@@ -296,6 +337,7 @@ def tokenize_pairs(
     report), "keep_end" cuts the shared prompt from the left so both responses survive; a pair whose
     response alone does not fit is dropped and counted.
     on_bad_row: "error" raises PairDataError naming file, row and field; "skip" skips and counts.
+    keep_columns: raw columns (e.g. "category") carried through unchanged, aligned with the kept pairs.
     Returns the dataset, or (dataset, TokenizeReport) with return_report=True.
     """
     if truncation not in ("drop", "keep_end"):
@@ -312,6 +354,10 @@ def tokenize_pairs(
     report = TokenizeReport(rows_in=len(rows))
     columns: dict[str, list] = {"chosen_ids": [], "rejected_ids": []}
     margins: list[float] = []
+    missing = [name for name in keep_columns if rows and name not in rows[0]]
+    if missing:
+        raise ValueError(f"{source}: keep_columns {missing} are not columns of the data (it has {sorted(rows[0])}).")
+    kept: dict[str, list] = {name: [] for name in keep_columns}
     for row_index, row in enumerate(rows):
         where = f"{source}, row {row_index}"
         try:
@@ -341,6 +387,8 @@ def tokenize_pairs(
         columns["rejected_ids"].append(rejected_ids)
         if "margin" in pair:
             margins.append(pair["margin"])
+        for name in keep_columns:
+            kept[name].append(row.get(name))  # a row without it (list input) carries None
     if margins:
         if len(margins) != len(columns["chosen_ids"]):
             raise PairDataError(f"{source}: column '{margin_column}' is set on some rows but missing on others; give every row a margin or none.")
@@ -356,6 +404,8 @@ def tokenize_pairs(
         }
     )
     tokenized = datasets.Dataset.from_dict(columns, features=features)
+    for name, values in kept.items():
+        tokenized = tokenized.add_column(name, values)
     return (tokenized, report) if return_report else tokenized
 
 

@@ -18,8 +18,14 @@ def per_pair_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torc
 
 
 def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None, center_coeff: float = 0.0) -> torch.Tensor:
-    """-logsigmoid(r_c - r_r - margin).mean() + c * mean((r_c + r_r)^2), as TRL's RewardTrainer (spec §4.1)."""
-    return per_pair_loss(r_chosen, r_rejected, margin, center_coeff).mean()
+    """-logsigmoid(r_c - r_r - margin).mean() + c * mean((r_c + r_r)^2), as TRL's RewardTrainer (spec §4.1).
+
+    The two means are taken separately, in TRL's order, so the result matches it to the last bit.
+    """
+    loss = per_pair_loss(r_chosen, r_rejected, margin).mean()
+    if center_coeff:
+        loss = loss + center_coeff * torch.mean((r_chosen + r_rejected) ** 2)
+    return loss
 
 
 @torch.no_grad()

@@ -1,0 +1,186 @@
+"""Scoring throughput on a GRPO-shaped load: rmtorch.score against the seed's `get_rewards_batch`, in one run.
+
+    python bench/bench_score.py                       # 8 prompts x 8 completions, SmolLM2-135M, fp32, 3 rounds
+    python bench/bench_score.py --threads 2 --max_completion 512
+    pytest bench/ --benchmark-only                    # the same through pytest-benchmark (RMTORCH_BENCH_ARGS adds options)
+
+Load: the first `--prompts` GSM8K questions of ../shared/data/r1_gsm8k as user turns, each with `--generations`
+completions cut from that question's real R1 reasoning + answer at lengths drawn uniformly from
+[`--min_completion`, `--max_completion`] tokens (seeded), conversational, adjacent per prompt: what TRL's GRPO
+hands a reward function.
+
+Baseline (the seed's get_rewards_batch): the chat-template texts of all rows, tokenized as one padded batch,
+one forward of the HF model, `logits[:, 0]` (under no_grad). Its token ids equal rmtorch's training-format ids
+(checked), and the chat template ends in "\\n", not the pad token, so transformers' pooling reads the same
+token rmtorch does: the rewards must agree to 1e-3 (checked; fp32 for both).
+Variants: rmtorch's scorer with packing and shared prompts (default), and with sorted padded micro-batches.
+Each round runs every variant once in alternating order; each variant's time is its best round (wall clock;
+CPU time of the process alongside; the recorded ratio uses CPU time, steadier on a shared machine). Tokens/s counts the rows' real tokens (the
+same total for every variant). bf16: rmtorch's rewards under CPU bf16 autocast are compared once to fp32.
+
+Writes score_* keys into bench/results/latest.json (read-modify-write: other benches own other keys) and
+prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+RESULTS_FILE = REPO_ROOT / "bench" / "results" / "latest.json"
+DATA_FILE = REPO_ROOT.parent / "shared" / "data" / "r1_gsm8k" / "r1_distill_qwen32b_gsm8k_labeled.jsonl"
+
+
+def grpo_load(tokenizer, num_prompts: int, generations: int, min_tokens: int, max_tokens: int, seed: int):
+    """(prompts, completions) as GRPO passes them: message lists, each prompt's completions adjacent."""
+    rows = [json.loads(line) for line in DATA_FILE.read_text().splitlines()[:num_prompts]]
+    rng = random.Random(seed)
+    prompts, completions = [], []
+    for row in rows:
+        trace_ids = tokenizer(text=row["reasoning"] + "\n\n" + row["answer"], add_special_tokens=False)["input_ids"]
+        for _ in range(generations):
+            length = rng.randint(min_tokens, max_tokens)
+            prompts.append([{"role": "user", "content": row["question"]}])
+            completions.append([{"role": "assistant", "content": tokenizer.decode(trace_ids[:length])}])
+    return prompts, completions
+
+
+def get_rewards_batch(model, tokenizer, prompts, completions) -> torch.Tensor:
+    """The seed's scorer: one padded batch of prompt+response texts through the HF model's own forward."""
+    texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+    with torch.no_grad():
+        batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        return model(**batch).logits[:, 0].float()
+
+
+def timed(fn) -> tuple[torch.Tensor, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def write_results(summary: dict) -> None:
+    """Merge this bench's keys into latest.json, keeping the keys other benches wrote."""
+    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.exists() else {}
+    existing = {k: v for k, v in existing.items() if not k.startswith("score_")}
+    tmp = RESULTS_FILE.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**existing, **summary}, indent=2) + "\n")
+    os.replace(tmp, RESULTS_FILE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="rmtorch.score vs the seed's get_rewards_batch on a GRPO-shaped load.")
+    parser.add_argument("--model", default="smollm2", help="Reward model to load (default: the embedded SmolLM2-135M-Instruct).")
+    parser.add_argument("--prompts", type=int, default=8, help="Prompts (GSM8K questions).")
+    parser.add_argument("--generations", type=int, default=8, help="Completions per prompt.")
+    parser.add_argument("--min_completion", type=int, default=8, help="Shortest completion, tokens.")
+    parser.add_argument("--max_completion", type=int, default=256, help="Longest completion, tokens.")
+    parser.add_argument("--max_tokens_per_batch", type=int, default=4096, help="rmtorch's token budget per forward.")
+    parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds; each variant keeps its best.")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine).")
+    parser.add_argument("--seed", type=int, default=0, help="Completion lengths and score-head init.")
+    parser.add_argument("--no_bf16_check", action="store_true", help="Skip comparing bf16-autocast rewards to fp32.")
+    parser.add_argument("--no_write", action="store_true", help="Print only; leave bench/results/latest.json alone.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from rmtorch.modeling import load_reward_model
+    from rmtorch.score import RewardScorer
+
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_reward_model(args.model)
+    model.eval()
+    prompts, completions = grpo_load(tokenizer, args.prompts, args.generations, args.min_completion, args.max_completion, args.seed)
+    scorers = {  # own copies: packing switches the attention implementation, the seed keeps transformers' own
+        "rmtorch packed+shared": RewardScorer(copy.deepcopy(model), tokenizer, max_tokens_per_batch=args.max_tokens_per_batch),
+        "rmtorch padded": RewardScorer(copy.deepcopy(model), tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, packing=False),
+    }
+    split = scorers["rmtorch padded"].split(prompts, completions)
+    sequences = split.sequences("full")
+    texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+    if tokenizer(texts, add_special_tokens=False)["input_ids"] != sequences:
+        raise RuntimeError("The seed's token ids differ from rmtorch's training-format ids; the comparison would not be like for like.")
+    tokens = sum(len(ids) for ids in sequences)
+    padded_tokens = len(sequences) * max(len(ids) for ids in sequences)
+
+    variants = {"seed get_rewards_batch": lambda: get_rewards_batch(model, tokenizer, prompts, completions)}
+    variants.update({name: (lambda s=scorer: s(prompts, completions)) for name, scorer in scorers.items()})
+    best = {name: (math.inf, math.inf) for name in variants}
+    rewards = {}
+    for round_index in range(args.rounds):
+        names = list(variants) if round_index % 2 == 0 else list(reversed(variants))
+        for name in names:
+            rewards[name], wall, cpu = timed(variants[name])
+            best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
+            print(f"round {round_index + 1}: {name:24s} {wall:7.2f} s wall {cpu:7.2f} s cpu", flush=True)
+
+    seed_name = "seed get_rewards_batch"
+    max_diff = {name: (rewards[name] - rewards[seed_name]).abs().max().item() for name in scorers}
+    if max(max_diff.values()) > 1e-3:
+        raise RuntimeError(f"rmtorch's rewards differ from the seed's by {max_diff} (> 1e-3); the timings would compare different work.")
+    bf16_diff = None
+    if not args.no_bf16_check:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_rewards = scorers["rmtorch packed+shared"](prompts, completions)
+        bf16_diff = (bf16_rewards - rewards["rmtorch packed+shared"]).abs().max().item()
+
+    rows = {
+        name: {"wall_s": wall, "cpu_s": cpu, "tokens_per_s": tokens / wall, "speedup_wall": best[seed_name][0] / wall, "speedup_cpu": best[seed_name][1] / cpu}
+        for name, (wall, cpu) in best.items()
+    }
+    print(f"\n{len(sequences)} rows ({args.prompts} prompts x {args.generations}), {tokens} tokens ({padded_tokens} padded in one batch), "
+          f"{platform.processor() or platform.machine()}, {args.threads} thread(s), fp32, best of {args.rounds} rounds")
+    print(f"{'variant':24s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'x seed (wall)':>14s} {'x seed (cpu)':>13s}")
+    for name, row in rows.items():
+        print(f"{name:24s} {row['wall_s']:8.2f} {row['cpu_s']:8.2f} {row['tokens_per_s']:9.0f} {row['speedup_wall']:14.2f} {row['speedup_cpu']:13.2f}")
+    print("max |rmtorch - seed| reward: " + ", ".join(f"{name} {diff:.1e}" for name, diff in max_diff.items()))
+    if bf16_diff is not None:
+        print(f"bf16 autocast vs fp32 (rmtorch): max |diff| {bf16_diff:.1e} -> {'within' if bf16_diff <= 1e-3 else 'outside'} 1e-3, so fp32 is timed")
+
+    fast, padded = rows["rmtorch packed+shared"], rows["rmtorch padded"]
+    summary = {
+        # Process CPU time is the headline: on a shared machine the best wall round still carries other jobs' load.
+        "score_speedup_vs_seed": fast["speedup_cpu"],
+        "score_speedup_vs_seed_wall": fast["speedup_wall"],
+        "score_padded_speedup_vs_seed": padded["speedup_cpu"],
+        "score_tokens_per_s": fast["tokens_per_s"],
+        "score_seed_tokens_per_s": rows[seed_name]["tokens_per_s"],
+        "score_max_reward_diff": max(max_diff.values()),
+        "score_bf16_max_reward_diff": bf16_diff,
+        "score_setup": {**vars(args), "rows": len(sequences), "tokens": tokens, "padded_tokens": padded_tokens, "precision": "fp32"},
+    }
+    if not args.no_write:
+        write_results(summary)
+        print(f"written to {RESULTS_FILE}")
+    return summary
+
+
+def test_score_vs_seed(benchmark):
+    """pytest-benchmark entry: one full alternating comparison; the figures go to extra_info. Never asserts timings."""
+    argv = shlex.split(os.environ.get("RMTORCH_BENCH_ARGS", ""))
+    summary = benchmark.pedantic(main, args=(argv,), rounds=1, iterations=1)
+    benchmark.extra_info.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Thinking: split completions at `</think>` by token id, and score the quality of the thinking.
+
+Everything here works on the token ids the reward model sees, never on regexes over decoded text:
+- the split point is the **last** `</think>` id inside the completion (the id comes from the tokenizer, e.g.
+  151668 in Qwen3), so a `</think>` quoted in the prompt or inside the thinking does not move it;
+- thinking = completion tokens up to and including that `</think>`; answer = the tokens after it (with the
+  closing EOS or chat-template tokens, so the answer still reads as a finished turn);
+- no `</think>` in the completion → thinking is empty and the whole completion is the answer;
+- a `<think>` with no `</think>` after it is *unclosed* (generation stopped mid-thought): the row is flagged,
+  the tokens stay where the rule above puts them, and the caller decides what an unclosed row is worth.
+
+`thinking_quality` combines the structure of the thinking (depth, steps, self-questioning) with the reward
+model's score of prompt + thinking; see its docstring for the formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+PARTS = ("full", "answer", "thinking")  # what a scorer can score of each row
+
+
+@dataclass(frozen=True)
+class ThinkTokens:
+    """Ids of the thinking delimiters in one tokenizer; None where the tokenizer has no such token."""
+
+    start_id: int | None
+    end_id: int | None
+
+
+def resolve_think_tokens(tokenizer, start_token: str | int | None = "<think>", end_token: str | int | None = "</think>") -> ThinkTokens:
+    """Look up the delimiter ids (an int is taken as the id itself); a token missing from the vocabulary is None."""
+
+    def lookup(token):
+        if token is None or isinstance(token, int):
+            return token
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+            return None
+        return token_id
+
+    return ThinkTokens(start_id=lookup(start_token), end_id=lookup(end_token))
+
+
+def split_completion(completion_ids: list[int], think: ThinkTokens) -> tuple[list[int], list[int], bool]:
+    """(thinking_ids, answer_ids, unclosed) of one completion, split after its last `</think>` id."""
+    end = -1
+    if think.end_id is not None:
+        for position in range(len(completion_ids) - 1, -1, -1):
+            if completion_ids[position] == think.end_id:
+                end = position
+                break
+    thinking_ids, answer_ids = completion_ids[: end + 1], completion_ids[end + 1 :]
+    unclosed = think.start_id is not None and think.start_id in answer_ids
+    return thinking_ids, answer_ids, unclosed
+
+
+@dataclass
+class SplitCompletions:
+    """Token ids of N scored rows, cut into prompt | thinking | answer (each a list of N id lists).
+
+    prompt_ids + thinking_ids + answer_ids is exactly the row's full (training-format) sequence.
+    """
+
+    prompt_ids: list[list[int]]
+    thinking_ids: list[list[int]]
+    answer_ids: list[list[int]]
+    unclosed_think: torch.Tensor  # (N,) bool
+
+    def sequences(self, part: str) -> list[list[int]]:
+        """The id lists the reward model scores for `part`: full, answer (prompt + answer) or thinking (prompt + thinking)."""
+        if part == "full":
+            return [p + t + a for p, t, a in zip(self.prompt_ids, self.thinking_ids, self.answer_ids)]
+        if part == "answer":
+            return [p + a for p, a in zip(self.prompt_ids, self.answer_ids)]
+        if part == "thinking":
+            return [p + t for p, t in zip(self.prompt_ids, self.thinking_ids)]
+        raise ValueError(f"part must be one of {', '.join(PARTS)}, got {part!r}.")
+
+    def select(self, rows: list[int]) -> SplitCompletions:
+        """The given rows only, in the given order."""
+        return SplitCompletions(
+            [self.prompt_ids[i] for i in rows], [self.thinking_ids[i] for i in rows], [self.answer_ids[i] for i in rows], self.unclosed_think[rows]
+        )
+
+
+def split_rows(sequences: list[list[int]], prompt_lengths: list[int], think: ThinkTokens) -> SplitCompletions:
+    """Split each full sequence after its prompt (`prompt_lengths` tokens) into thinking and answer."""
+    prompts, thinkings, answers, unclosed = [], [], [], []
+    for ids, prompt_length in zip(sequences, prompt_lengths):
+        thinking_ids, answer_ids, is_unclosed = split_completion(ids[prompt_length:], think)
+        prompts.append(ids[:prompt_length])
+        thinkings.append(thinking_ids)
+        answers.append(answer_ids)
+        unclosed.append(is_unclosed)
+    return SplitCompletions(prompts, thinkings, answers, torch.tensor(unclosed, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------------------------------- quality
+
+
+REFLECTION_PHRASES = ("wait", "hmm", "let me check", "let me verify", "double-check", "double check", "alternatively", "is that right", "make sure")
+
+
+@dataclass
+class ThinkingWeights:
+    """Weights and scales of `thinking_quality`; the defaults sum to 1, so quality lies in [0, 1]."""
+
+    depth: float = field(default=0.25, metadata={"help": "Weight of depth: thinking length, saturating at depth_tokens."})
+    steps: float = field(default=0.25, metadata={"help": "Weight of steps: non-empty lines, saturating at target_steps."})
+    reflection: float = field(default=0.2, metadata={"help": "Weight of self-questioning: '?' tokens and reflection phrases, saturating at target_reflections."})
+    reward: float = field(default=0.3, metadata={"help": "Weight of the reward model's view: sigmoid(reward(prompt + thinking) / reward_temperature)."})
+    depth_tokens: int = field(default=512, metadata={"help": "Content tokens at which depth reaches 1."})
+    target_steps: int = field(default=8, metadata={"help": "Lines at which steps reaches 1."})
+    target_reflections: int = field(default=3, metadata={"help": "Questions + reflection phrases at which reflection reaches 1."})
+    reward_temperature: float = field(default=1.0, metadata={"help": "Scale of the reward before the sigmoid."})
+    phrases: tuple[str, ...] = field(default=REFLECTION_PHRASES, metadata={"help": "Reflection phrases, matched as token-id sequences (lower/capitalised, with and without a leading space)."})
+
+
+class ThinkingVocab:
+    """What a tokenizer's ids mean for structure: whitespace, newline, '?', and the reflection phrases as id sequences.
+
+    Token texts are decoded once per id actually seen and cached, so a 150k vocabulary costs nothing up front.
+    """
+
+    def __init__(self, tokenizer, think: ThinkTokens, phrases: tuple[str, ...] = REFLECTION_PHRASES):
+        self.tokenizer = tokenizer
+        self.marker_ids = {i for i in (think.start_id, think.end_id) if i is not None}
+        variants = {v for p in phrases for v in (p, p.capitalize(), " " + p, " " + p.capitalize())}
+        self.phrase_ids = sorted({tuple(tokenizer(text=v, add_special_tokens=False)["input_ids"]) for v in variants})
+        self._texts: dict[int, str] = {}
+
+    def text(self, token_id: int) -> str:
+        if token_id not in self._texts:
+            self._texts[token_id] = self.tokenizer.decode([token_id])
+        return self._texts[token_id]
+
+    def features(self, thinking_ids: list[int]) -> tuple[int, int, int, int]:
+        """(content_tokens, lines, questions, reflections) of one thinking span.
+
+        content_tokens: tokens that are neither whitespace nor think markers; lines: runs of content ended by a
+        newline-bearing token (or the end); questions: tokens containing '?'; reflections: phrase occurrences.
+        """
+        content = lines = questions = 0
+        in_line = False
+        for token_id in thinking_ids:
+            if token_id in self.marker_ids:
+                continue
+            text = self.text(token_id)
+            if text.strip():
+                content += 1
+                in_line = True
+            questions += "?" in text
+            if "\n" in text and in_line:
+                lines += 1
+                in_line = False
+        lines += in_line
+        return content, lines, questions, self.count_phrases(thinking_ids)
+
+    def count_phrases(self, ids: list[int]) -> int:
+        count = 0
+        for phrase in self.phrase_ids:
+            width = len(phrase)
+            count += sum(tuple(ids[i : i + width]) == phrase for i in range(len(ids) - width + 1))
+        return count
+
+
+@dataclass
+class ThinkingQuality:
+    """Per-row thinking quality and its parts, each (N,) fp32 (unclosed_think: bool)."""
+
+    quality: torch.Tensor
+    depth: torch.Tensor
+    steps: torch.Tensor
+    reflection: torch.Tensor
+    judged: torch.Tensor  # sigmoid(reward(prompt + thinking) / temperature); 0 where there is no thinking
+    thinking_reward: torch.Tensor  # raw reward of prompt + thinking; NaN where there is no thinking
+    unclosed_think: torch.Tensor
+
+
+def thinking_quality(scorer, prompts, completions, weights: ThinkingWeights | None = None) -> ThinkingQuality:
+    """Score how well each completion thinks, on the ids the reward model sees.
+
+    With content = thinking tokens that are not whitespace or think markers, lines = non-empty lines,
+    reflections = '?' tokens + reflection-phrase occurrences (all counted on token ids):
+
+        depth      = min(1, content / depth_tokens)
+        steps      = min(1, lines / target_steps)
+        reflection = min(1, reflections / target_reflections)
+        judged     = sigmoid(reward(prompt + thinking) / reward_temperature)
+        quality    = w_depth * depth + w_steps * steps + w_reflection * reflection + w_reward * judged
+
+    A row with no thinking content scores 0 (its thinking is not sent to the reward model). Unclosed thinking is
+    scored as written and flagged in `unclosed_think`. `scorer` is a `rmtorch.score.RewardScorer`.
+    """
+    weights = weights or ThinkingWeights()
+    split = scorer.split(prompts, completions)
+    vocab = ThinkingVocab(scorer.tokenizer, scorer.think, weights.phrases)
+    counts = torch.tensor([vocab.features(ids) for ids in split.thinking_ids], dtype=torch.float32).reshape(-1, 4)
+    content, lines, questions, reflections = counts.unbind(-1)
+    has_thinking = content > 0
+    thinking_reward = torch.full((len(content),), float("nan"))
+    rows = has_thinking.nonzero().flatten().tolist()
+    if rows:
+        thinking_reward[rows] = scorer.score_split(split.select(rows), "thinking").rewards
+    judged = torch.where(has_thinking, torch.sigmoid(thinking_reward / weights.reward_temperature), torch.zeros(()))
+    depth = (content / weights.depth_tokens).clamp(max=1.0)
+    steps = (lines / weights.target_steps).clamp(max=1.0)
+    reflection = ((questions + reflections) / weights.target_reflections).clamp(max=1.0)
+    quality = weights.depth * depth + weights.steps * steps + weights.reflection * reflection + weights.reward * judged
+    return ThinkingQuality(quality, depth, steps, reflection, judged, thinking_reward, split.unclosed_think)

@@ -279,8 +279,6 @@ def reduce_record(accelerator, record: dict) -> dict:
 
 
 def cfg_to_yaml(cfg: TrainConfig) -> str:
-    import dataclasses
-
     import yaml
 
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

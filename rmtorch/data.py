@@ -302,7 +302,8 @@ def tokenize_response(tokenizer, prompt, response) -> list[int]:
     return _chat_ids(tokenizer, list(prompt or []) + list(response))
 
 
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Tokens two sequences share at the start: the prompt of a chosen/rejected pair."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -311,7 +312,7 @@ def _common_prefix_length(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _keep_end(ids: list[int], max_length: int, keep_first: bool) -> list[int]:
+def keep_end(ids: list[int], max_length: int, keep_first: bool) -> list[int]:
     """Cut tokens from the left (after a leading BOS, kept) so the sequence ends intact."""
     if len(ids) <= max_length:
         return ids
@@ -374,14 +375,14 @@ def tokenize_pairs(
             if truncation == "drop":
                 report.dropped_too_long += 1
                 continue
-            prompt_length = _common_prefix_length(chosen_ids, rejected_ids)
+            prompt_length = common_prefix_length(chosen_ids, rejected_ids)
             keep_first = bos_id is not None and chosen_ids[0] == bos_id
             longest_response = max(len(chosen_ids), len(rejected_ids)) - prompt_length
             if longest_response + int(keep_first) > max_length:
                 report.dropped_too_long += 1  # the response itself does not fit: cutting it would change what is judged
                 continue
-            chosen_ids = _keep_end(chosen_ids, max_length, keep_first)
-            rejected_ids = _keep_end(rejected_ids, max_length, keep_first)
+            chosen_ids = keep_end(chosen_ids, max_length, keep_first)
+            rejected_ids = keep_end(rejected_ids, max_length, keep_first)
             report.truncated += 1
         columns["chosen_ids"].append(chosen_ids)
         columns["rejected_ids"].append(rejected_ids)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rmtorch.data import _common_prefix_length, _keep_end, pad_sequences, tokenize_response
+from rmtorch.data import common_prefix_length, keep_end, pad_sequences, tokenize_response
 from rmtorch.modeling import RewardModel, load_reward_model
 from rmtorch.packing import enable_block_attention, pack_groups, shared_prefix_length
 from rmtorch.thinking import SplitCompletions, resolve_think_tokens, split_rows
@@ -179,7 +179,7 @@ class RewardScorer:
             if key not in prompt_cache:
                 prompt_cache[key] = self._prompt_ids(prompt)
             sequences.append(ids)
-            prompt_lengths.append(_common_prefix_length(prompt_cache[key], ids))
+            prompt_lengths.append(common_prefix_length(prompt_cache[key], ids))
         return split_rows(sequences, prompt_lengths, self.think)
 
     # -------------------------------------------------------------------------------------- scoring
@@ -240,7 +240,7 @@ class RewardScorer:
             logger.warning("%d of %d rows are longer than max_length=%d tokens; scoring their last %d tokens (a leading BOS kept).", int(truncated.sum()), len(sequences), self.max_length, self.max_length)
             bos_id = self.tokenizer.bos_token_id
             for row in truncated.nonzero().flatten().tolist():
-                sequences[row] = _keep_end(sequences[row], self.max_length, bos_id is not None and sequences[row][0] == bos_id)
+                sequences[row] = keep_end(sequences[row], self.max_length, bos_id is not None and sequences[row][0] == bos_id)
                 prompt_lengths[row] = 0  # its prompt was cut: nothing to share
         rewards = self.score_ids(sequences, prompt_lengths)
         num_tokens = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)

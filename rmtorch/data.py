@@ -381,8 +381,12 @@ def tokenize_pairs(
             if longest_response + int(keep_first) > max_length:
                 report.dropped_too_long += 1  # the response itself does not fit: cutting it would change what is judged
                 continue
-            chosen_ids = keep_end(chosen_ids, max_length, keep_first)
-            rejected_ids = keep_end(rejected_ids, max_length, keep_first)
+            # Cut the same prompt tokens from both sides, so the pair still shares one prompt (and the
+            # shared-prompt forward still applies); the shorter side may end up below max_length.
+            overflow = max(len(chosen_ids), len(rejected_ids)) - max_length
+            start = int(keep_first)
+            chosen_ids = chosen_ids[:start] + chosen_ids[start + overflow:]
+            rejected_ids = rejected_ids[:start] + rejected_ids[start + overflow:]
             report.truncated += 1
         columns["chosen_ids"].append(chosen_ids)
         columns["rejected_ids"].append(rejected_ids)

@@ -27,6 +27,8 @@ def test_keep_end_cuts_the_prompt_from_the_left_and_keeps_bos(bos_tokenizer):
         assert len(ids) <= 10
         assert ids[0] == bos_tokenizer.bos_token_id  # BOS survives
         assert ids[1:] == whole[len(whole) - len(ids) + 1:]  # the end, response included, is intact
+    prompt_length = len(full["chosen_ids"][0]) - len(cut["chosen_ids"][0])
+    assert len(full["rejected_ids"][0]) - len(cut["rejected_ids"][0]) == prompt_length  # the same prompt tokens cut from both
 
 
 def test_keep_end_drops_and_counts_a_pair_whose_response_alone_is_too_long(bos_tokenizer):

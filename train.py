@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no", step_scheduler_with_optimizer=False,
         log_with="tensorboard" if cfg.report_to == "tensorboard" else None, project_dir=cfg.output_dir,
     )
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))))
     set_seed(cfg.seed)  # before the model: the new score head is drawn from this seed (as TRL)
     start_time = time.time()
 

@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "Seed for the score head, data order and dropout."})
     shuffle: bool = field(default=True, metadata={"help": "Shuffle training pairs each epoch (False: file order, as TRL's sequential sampler)."})
     bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the forward pass (loss stays fp32). Off: pure fp32."})
+    cpu_threads: int | None = field(default=None, metadata={"help": "Torch threads per process on CPU. None: the machine's cores split among this machine's processes (`accelerate launch` alone would give each process 1)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (non-reentrant) to save memory."})
     group_by_length: bool = field(default=False, metadata={"help": "Batch pairs of similar length (sorted within windows of 50 batches, batches shuffled) to cut padding. Changes which pairs share a batch."})
     packing: bool = field(default=False, metadata={"help": "Padding-free batches: each batch's sequences back to back in one row with restarting positions (block attention); rewards equal the padded path to ~1e-6 in fp32."})

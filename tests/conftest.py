@@ -88,3 +88,13 @@ def save_tiny_llama(directory: Path, tokenizer, seed: int = 0, causal: bool = Fa
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """train.main builds an Accelerator; accelerate keeps its state process-wide, so tests that train with
+    different precisions in one pytest process start from a clean state."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -196,9 +196,7 @@ def test_export_cli_needs_merge_and_an_adapter(tmp_path, tiny_dir):
 
 def run_train(tmp_path, model_dir, *extra: str) -> tuple:
     import train
-    from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # runs in one process may differ in mixed precision
     tmp_path.mkdir(exist_ok=True)
     train_file = write_jsonl(tmp_path / "train.jsonl", pair_rows(16))
     eval_file = write_jsonl(tmp_path / "eval.jsonl", pair_rows(4, seed=1))

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import rmtorch  # noqa: F401  (first: it quiets a bitsandbytes warning that accelerate's import would print)
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed

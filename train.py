@@ -26,12 +26,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from rmtorch.checkpoint import checkpoints_dir, load_checkpoint, resolve_checkpoint, save_checkpoint, truncate_metrics
+from rmtorch.checkpoint import checkpoint_trainable_weights_only, checkpoints_dir, load_checkpoint, resolve_checkpoint, save_checkpoint, truncate_metrics
 from rmtorch.config import TrainConfig, parse_config
 from rmtorch.data import PairCollator, load_pairs, tokenize_pairs
 from rmtorch.eval import build_report, pair_lengths, write_report
 from rmtorch.loss import eval_metrics, pair_metrics, pairwise_loss
-from rmtorch.export import checkpoint_trainable_weights_only, merge_adapter, save_adapter
+from rmtorch.export import merge_adapter, save_adapter
 from rmtorch.modeling import RewardModel, apply_lora, disable_dropout, enable_gradient_checkpointing, load_reward_model, quantization_config_4bit
 from rmtorch.packing import PackedPairCollator, enable_block_attention, packed_inputs
 from rmtorch.sampling import EpochSampler, LengthGroupedBatchSampler

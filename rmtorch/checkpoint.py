@@ -101,3 +101,37 @@ def truncate_metrics(metrics_file: str | Path, step: int) -> None:
     tmp = metrics_file.with_name(metrics_file.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, metrics_file)
+
+
+def checkpoint_trainable_weights_only(accelerator) -> None:
+    """Make accelerator.save_state / load_state keep only the trainable weights (adapters and head) of each model.
+
+    Under LoRA the frozen body is the base model, loaded again on resume: saving it would copy the whole model into
+    every checkpoint, and a 4-bit body's quantization state does not load back through load_state_dict.
+    """
+    from accelerate.utils import SAFE_MODEL_NAME
+    from safetensors.torch import load_file
+
+    def trainable_names(model) -> set[str]:
+        return {name for name, param in model.named_parameters() if param.requires_grad}
+
+    def keep_trainable(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            for name in set(state) - trainable_names(model):
+                del state[name]
+
+    def load_trainable(models, input_dir):
+        for i, model in enumerate(models):
+            path = Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{i}' if i else ''}.safetensors"
+            state = load_file(path, device=str(next(model.parameters()).device))
+            missing = trainable_names(model) - set(state)
+            unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+            if missing or unexpected:
+                raise ValueError(
+                    f"{path} does not hold this model's trainable weights (missing {sorted(missing)[:3]}, unexpected "
+                    f"{sorted(unexpected)[:3]}): resume with the same --lora, --lora_target and --lora_r as the checkpoint."
+                )
+        models.clear()  # loaded here: accelerate would expect the full state dict
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(load_trainable)

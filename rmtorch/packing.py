@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rmtorch.data import common_prefix_length
+
 BLOCK_ATTENTION = "rmtorch_blocks"  # name registered with transformers' AttentionInterface
 PACKED_KEYS = ("position_ids", "last_index", "attention_blocks")  # model inputs a packed batch adds
 
@@ -29,11 +31,7 @@ PACKED_KEYS = ("position_ids", "last_index", "attention_blocks")  # model inputs
 def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     """Length of the longest common prefix of all sequences, leaving each at least its last token of its own."""
     limit = min(len(s) for s in sequences) - 1
-    first = sequences[0]
-    length = 0
-    while length < limit and all(s[length] == first[length] for s in sequences):
-        length += 1
-    return length
+    return min([limit] + [common_prefix_length(sequences[0], s) for s in sequences[1:]])
 
 
 def pack_groups(groups: Sequence[Sequence[Sequence[int]]], share_prompt: bool = False) -> dict:

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rmtorch import plot
 from rmtorch.data import PairCollator, PairDataError, load_pairs, tokenize_pairs
+from rmtorch.loss import eval_metrics
 from rmtorch.modeling import RewardModel, load_reward_model
 
 DEFAULT_CATEGORY_COLUMN = "category"
@@ -136,21 +136,17 @@ def build_report(chosen_rewards, rejected_rewards, lengths, categories=None, n_b
     if len(set(sizes.values())) != 1 or chosen.numel() == 0:
         raise ValueError(f"build_report needs the same non-zero number of values in each input, got {sizes}.")
     reward_diff = chosen - rejected
-    rewards = torch.cat([chosen, rejected])
+    metrics = eval_metrics(chosen, rejected)  # the same pair-weighted numbers training reports, in float64 here
     calibration = calibration_bins(reward_diff, n_bins)
     report = {
-        "num_pairs": int(chosen.numel()),
-        "accuracy": (reward_diff > 0).double().mean().item(),
-        "margin": reward_diff.mean().item(),
-        "ties": int((reward_diff == 0).sum()),
-        "loss": -F.logsigmoid(reward_diff).mean().item(),
+        **{key: metrics[key] for key in ("num_pairs", "accuracy", "margin", "ties", "loss")},
         "ece": calibration.pop("ece"),
         "mean_chosen_reward": chosen.mean().item(),
         "mean_rejected_reward": rejected.mean().item(),
-        "mean_reward": rewards.mean().item(),
-        "std_reward": rewards.std(correction=0).item(),
-        "min_reward": rewards.min().item(),
-        "max_reward": rewards.max().item(),
+        "mean_reward": metrics["mean_reward"],
+        "std_reward": torch.cat([chosen, rejected]).std(correction=0).item(),
+        "min_reward": metrics["min_reward"],
+        "max_reward": metrics["max_reward"],
         "calibration": calibration,
         "by_length": accuracy_by_length(lengths, reward_diff, n_length_buckets),
     }

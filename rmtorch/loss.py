@@ -28,13 +28,20 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torc
     return loss
 
 
+def _at_least_fp32(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Upcast bf16/fp16 rewards for statistics; float64 stays float64."""
+    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 @torch.no_grad()
 def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, float]:
     """Accuracy (strict >, ties are wrong as in TRL), mean margin r_c - r_r, and reward statistics over all 2B rewards."""
-    rewards = torch.cat([r_chosen, r_rejected]).float()
+    r_chosen, r_rejected = _at_least_fp32(r_chosen, r_rejected)
+    rewards = torch.cat([r_chosen, r_rejected])
     return {
-        "accuracy": (r_chosen > r_rejected).float().mean().item(),
-        "margin": (r_chosen - r_rejected).float().mean().item(),
+        "accuracy": (r_chosen > r_rejected).double().mean().item(),
+        "margin": (r_chosen - r_rejected).mean().item(),
         "mean_reward": rewards.mean().item(),
         "min_reward": rewards.min().item(),
         "max_reward": rewards.max().item(),
@@ -44,8 +51,9 @@ def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, 
 @torch.no_grad()
 def eval_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None, center_coeff: float = 0.0) -> dict[str, float]:
     """Metrics over a whole eval set, every pair weighted equally (TRL averages batch averages: spec P6)."""
+    r_chosen, r_rejected = _at_least_fp32(r_chosen, r_rejected)
     metrics = pair_metrics(r_chosen, r_rejected)
-    metrics["loss"] = per_pair_loss(r_chosen.float(), r_rejected.float(), margin, center_coeff).mean().item()
+    metrics["loss"] = per_pair_loss(r_chosen, r_rejected, margin, center_coeff).mean().item()
     metrics["ties"] = int((r_chosen == r_rejected).sum().item())
     metrics["num_pairs"] = int(r_chosen.numel())
     return metrics

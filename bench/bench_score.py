@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,10 +39,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from benchlib import RESULTS_FILE, run_benchmark, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-RESULTS_FILE = REPO_ROOT / "bench" / "results" / "latest.json"
 DATA_FILE = REPO_ROOT.parent / "shared" / "data" / "r1_gsm8k" / "r1_distill_qwen32b_gsm8k_labeled.jsonl"
 
 
@@ -73,16 +72,6 @@ def timed(fn) -> tuple[torch.Tensor, float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
     return out, time.perf_counter() - wall, time.process_time() - cpu
-
-
-def write_results(summary: dict) -> None:
-    """Merge this bench's keys into latest.json, keeping the keys other benches wrote."""
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.exists() else {}
-    existing = {k: v for k, v in existing.items() if not k.startswith("score_")}
-    tmp = RESULTS_FILE.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**existing, **summary}, indent=2) + "\n")
-    os.replace(tmp, RESULTS_FILE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,16 +159,13 @@ def main(argv: list[str] | None = None) -> dict:
         "score_setup": {**vars(args), "rows": len(sequences), "tokens": tokens, "padded_tokens": padded_tokens, "precision": "fp32"},
     }
     if not args.no_write:
-        write_results(summary)
+        write_results(summary, ("score_",))
         print(f"written to {RESULTS_FILE}")
     return summary
 
 
 def test_score_vs_seed(benchmark):
-    """pytest-benchmark entry: one full alternating comparison; the figures go to extra_info. Never asserts timings."""
-    argv = shlex.split(os.environ.get("RMTORCH_BENCH_ARGS", ""))
-    summary = benchmark.pedantic(main, args=(argv,), rounds=1, iterations=1)
-    benchmark.extra_info.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    run_benchmark(benchmark, main)
 
 
 if __name__ == "__main__":

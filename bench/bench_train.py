@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -44,10 +43,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from benchlib import RESULTS_FILE, run_benchmark, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
-RESULTS_FILE = REPO_ROOT / "bench" / "results" / "latest.json"
 DATA_FILE = REPO_ROOT.parent / "shared" / "data" / "llamafactory" / "dpo_en_demo.json"
 FAST_FLAGS = ["--packing", "true", "--shared_prompt", "true", "--group_by_length", "true"]
 VARIANTS = {  # name → rmtorch train.py flags (None: TRL)
@@ -297,14 +296,6 @@ def markdown_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_results(summary: dict) -> None:
-    """Merge this bench's keys into latest.json, keeping the keys other benches wrote."""
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(RESULTS_FILE.read_text()) if RESULTS_FILE.exists() else {}
-    existing = {k: v for k, v in existing.items() if not (k.startswith("train_") or k.startswith("peak_"))}
-    RESULTS_FILE.write_text(json.dumps({**existing, **summary}, indent=2) + "\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="Model for both trainers (a local directory or 'smollm2').")
@@ -335,16 +326,13 @@ def main(argv: list[str] | None = None) -> dict:
     summary = run_bench(args)
     print(markdown_table(summary))
     if not args.no_write:
-        write_results(summary)
+        write_results(summary, ("train_", "peak_"))
         print(f"written to {RESULTS_FILE}")
     return summary
 
 
 def test_train_vs_trl(benchmark):
-    """pytest-benchmark entry: one full alternating comparison; the figures go to extra_info. Never asserts timings."""
-    argv = shlex.split(os.environ.get("RMTORCH_BENCH_ARGS", ""))
-    summary = benchmark.pedantic(main, args=(argv,), rounds=1, iterations=1)
-    benchmark.extra_info.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
+    run_benchmark(benchmark, main)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,14 @@ def _read_json(path: str | Path) -> tuple[dict, Path]:
         raise ValueError(f"{path} is not valid JSON ({error}); it should hold reward statistics written by rmtorch.") from error
 
 
+def _load_json_state(cls, path: str | Path):
+    """A fresh `cls()` with the state `save` wrote to `path` (errors name the file)."""
+    state, file = _read_json(path)
+    obj = cls()
+    obj.load_state_dict(state, source=str(file))
+    return obj
+
+
 class RunningMoments:
     """Count, mean and M2 (sum of squared deviations) of every reward seen, updated batch by batch.
 
@@ -283,10 +291,7 @@ class RunningMoments:
     @classmethod
     def load(cls, path: str | Path) -> RunningMoments:
         """Read statistics written by `save` (a .json file, or a directory holding reward_stats.json)."""
-        state, file = _read_json(path)
-        moments = cls()
-        moments.load_state_dict(state, source=str(file))
-        return moments
+        return _load_json_state(cls, path)
 
     def __repr__(self) -> str:
         return f"RunningMoments(count={self.count}, mean={self.mean:.6g}, std={self.std:.6g})"
@@ -363,10 +368,7 @@ class RewardNormalizer:
     @classmethod
     def load(cls, path: str | Path) -> RewardNormalizer:
         """A normalizer with the settings and statistics written by `save` (a .json file, or a directory)."""
-        state, file = _read_json(path)
-        normalizer = cls()
-        normalizer.load_state_dict(state, source=str(file))
-        return normalizer
+        return _load_json_state(cls, path)
 
     def __repr__(self) -> str:
         return (f"RewardNormalizer(center={self.center}, scale={self.scale}, std_floor={self.std_floor}, "

@@ -1,70 +1,105 @@
 """Score a file offline with a trained reward model.
 
-    python score.py --model outputs/rm --input pairs_or_completions.jsonl --output scored.jsonl
+    python score.py --model outputs/rm --input completions.jsonl --output scored.jsonl
 
-Input: JSONL, JSON, Parquet or a saved `datasets` directory (the layouts `train.py` reads). Rows with a
+Input: JSONL, JSON, Parquet or a saved `datasets` directory (the layouts train.py reads). Rows with a
 `completion` get `reward`; preference rows (`chosen`/`rejected`) get `chosen_reward` and `rejected_reward`.
-`prompt` is optional; strings and message lists both work. Every input field is copied to the output.
-Rows are formatted exactly as training formats them (rmtorch.score). `python score.py --help` lists the options.
+`prompt` is optional; strings and message lists both work. Every input field is copied to the output, which is
+written whole (to a temporary name, renamed at the end) or not at all. Rows are formatted exactly as training
+formats them (rmtorch.score). `python score.py --help` lists the options.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from rmtorch.data import load_pairs
+from rmtorch.cli import run
+from rmtorch.config import ScoreConfig, parse_config, trained_defaults
+from rmtorch.files import PairDataError, Rows, read_rows
 from rmtorch.score import RewardScorer
-from rmtorch.thinking import PARTS
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="Trained reward model directory (train.py's output_dir), a .gguf file, or 'smollm2'.")
-    parser.add_argument("--input", required=True, help="Rows to score: .jsonl, .json, .parquet or a saved datasets directory.")
-    parser.add_argument("--output", required=True, help="JSONL file to write: each input row plus its reward field(s).")
-    parser.add_argument("--part", default="full", choices=PARTS, help="What to score: the full completion, the answer after </think>, or the thinking.")
-    parser.add_argument("--max_length", type=int, default=None, help="Longest row in tokens; longer rows keep their end (default: the model's context).")
-    parser.add_argument("--max_tokens_per_batch", type=int, default=16384, help="Tokens per forward pass: one padding-free row of prompts, each computed once, and their completions.")
-    parser.add_argument("--rows_per_chunk", type=int, default=1024, help="Rows handed to the scorer at once (and written) per progress step.")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="Weights' precision.")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available).")
-    return parser.parse_args(argv)
+DESCRIPTION = "Score a file of completions or preference pairs with a trained reward model."
 
 
-def score_rows(scorer: RewardScorer, rows: list[dict], part: str, source: str) -> list[dict]:
-    """Each row with `reward`, or `chosen_reward`/`rejected_reward` for preference rows."""
-    if "completion" in rows[0]:
-        rewards = scorer([row.get("prompt") for row in rows], [row["completion"] for row in rows], part=part).tolist()
-        return [{**row, "reward": reward} for row, reward in zip(rows, rewards)]
-    if "chosen" in rows[0] and "rejected" in rows[0]:
-        prompts = [row.get("prompt") for row in rows]
-        rewards = scorer(prompts + prompts, [row["chosen"] for row in rows] + [row["rejected"] for row in rows], part=part).tolist()
-        return [{**row, "chosen_reward": c, "rejected_reward": r} for row, c, r in zip(rows, rewards[: len(rows)], rewards[len(rows) :])]
-    raise ValueError(f"{source}: rows have fields {sorted(rows[0])}; a row needs 'completion' (to get 'reward') or 'chosen' and 'rejected' (to get one reward each).")
+def row_layout(rows: Rows) -> str:
+    """'completion' (rows get `reward`) or 'pairs' (rows get `chosen_reward` and `rejected_reward`)."""
+    columns = rows.column_names
+    if "completion" in columns:
+        return "completion"
+    if "chosen" in columns and "rejected" in columns:
+        return "pairs"
+    raise PairDataError(
+        f"{rows.source}: rows have fields {sorted(columns)}; a row needs 'completion' (to get 'reward') or 'chosen' "
+        "and 'rejected' (to get one reward each)."
+    )
+
+
+def score_rows(scorer: RewardScorer, rows: Rows, layout: str, part: str) -> list[dict]:
+    """Each row as the file holds it, plus `reward` (or `chosen_reward`/`rejected_reward`)."""
+    prompts = [row.get("prompt") for row in rows]
+    fields = ["completion"] if layout == "completion" else ["chosen", "rejected"]
+    outputs = [dict(original) for original in rows.originals]
+    for name in fields:
+        try:
+            rewards = scorer(prompts, [row.get(name) for row in rows], part=part).tolist()
+        except ValueError as err:  # the scorer names the row within the chunk: name the file's row
+            raise PairDataError(f"{rows.source}, field '{name}': {_file_row(str(err), rows)}") from None
+        key = "reward" if layout == "completion" else f"{name}_reward"
+        for out, reward in zip(outputs, rewards):
+            out[key] = reward
+    return outputs
+
+
+def _file_row(message: str, rows: Rows) -> str:
+    """'Row 3: ...' within a chunk → 'row <the file's row number>: ...'."""
+    if message.startswith("Row "):
+        index, _, rest = message[4:].partition(":")
+        if index.isdigit():
+            return f"row {rows.numbers[int(index)]}:{rest}"
+    return message
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = parse_args(argv)
-    rows = load_pairs(args.input).to_list()
-    scorer = RewardScorer.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device, max_length=args.max_length, max_tokens_per_batch=args.max_tokens_per_batch)
-    output = Path(args.output)
+    cfg = parse_config(argv, ScoreConfig, description=DESCRIPTION)
+    trained = trained_defaults(cfg.model, ScoreConfig)
+    if trained:  # score the way the model was trained, command line still first
+        cfg = parse_config(argv, ScoreConfig, base=trained, description=DESCRIPTION)
+    # Input and output are checked before the model loads; the output appears only when complete.
+    rows = read_rows(cfg.input)
+    layout = row_layout(rows)
+    output = Path(cfg.output)
+    if output.resolve() == Path(cfg.input).resolve():
+        raise ValueError(f"--output {output} is the input file; write the scores to a new file.")
+    if output.is_dir():
+        raise IsADirectoryError(
+            f"--output {output} is a directory; give a file name such as {output / 'scored.jsonl'}."
+        )
     output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w") as out, tqdm(total=len(rows), desc="score", unit="row", dynamic_ncols=True) as progress:
-        for start in range(0, len(rows), args.rows_per_chunk):
-            chunk = rows[start : start + args.rows_per_chunk]
-            for row in score_rows(scorer, chunk, args.part, args.input):
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            progress.update(len(chunk))
-    print(f"scored {len(rows)} rows from {args.input} with {args.model} ({args.part}) → {output}")
+
+    autocast = torch.bfloat16 if cfg.bf16 else None
+    scorer = RewardScorer.from_pretrained(
+        cfg.model, device=cfg.device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
+        packing=cfg.packing, trust_remote_code=cfg.trust_remote_code, autocast_dtype=autocast,
+    )  # fmt: skip
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        with tmp.open("w") as out, tqdm(total=len(rows), desc="score", unit="row", dynamic_ncols=True) as progress:
+            for start in range(0, len(rows), cfg.rows_per_chunk):
+                chunk = rows.select(range(start, min(start + cfg.rows_per_chunk, len(rows))))
+                for row in score_rows(scorer, chunk, layout, cfg.part):
+                    out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
+                progress.update(len(chunk))
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"scored {len(rows)} rows from {cfg.input} with {cfg.model} ({cfg.part}) → {output}")
     return output
 
 
 if __name__ == "__main__":
-    main()
+    run(main, sys.argv[1:])

@@ -53,8 +53,9 @@ def run_config(name: str, args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from rmtorch.lora import apply_lora, quantization_config_4bit
     from rmtorch.loss import pairwise_loss
-    from rmtorch.modeling import RewardModel, apply_lora, disable_dropout, enable_gradient_checkpointing, load_reward_model, quantization_config_4bit
+    from rmtorch.model import RewardModel, disable_dropout, enable_gradient_checkpointing, load_reward_model
 
     options = CONFIGS[name]
     accelerator = Accelerator(mixed_precision="bf16")  # train.py's default
@@ -65,6 +66,7 @@ def run_config(name: str, args) -> dict:
     except ImportError:
         pass
     import peft  # noqa: F401
+
     rss_after_imports = resident_kib("VmRSS")
     quantization_config = quantization_config_4bit(torch.bfloat16) if options["load_in_4bit"] else None
     model, tokenizer = load_reward_model(args.model, quantization_config=quantization_config)
@@ -80,10 +82,14 @@ def run_config(name: str, args) -> dict:
     reward_model.train()
 
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, len(tokenizer), (2 * args.batch_size, args.seq_len), generator=generator).to(accelerator.device)  # (2B, T)
+    input_ids = torch.randint(3, len(tokenizer), (2 * args.batch_size, args.seq_len), generator=generator).to(
+        accelerator.device
+    )  # (2B, T)
     attention_mask = torch.ones_like(input_ids)
     if platform.system() == "Linux":
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand back what loading freed, so it does not count as training memory
+        ctypes.CDLL("libc.so.6").malloc_trim(
+            0
+        )  # hand back what loading freed, so it does not count as training memory
     load_peak_kib, rss_loaded = resident_kib("VmHWM"), resident_kib("VmRSS")
     reset_peak_resident()
     if cuda:
@@ -102,7 +108,8 @@ def run_config(name: str, args) -> dict:
         if step:
             step_times.append(time.perf_counter() - start)
     return {
-        "config": name, **options,
+        "config": name,
+        **options,
         "device": str(accelerator.device),
         "trainable_params": sum(p.numel() for p in trainable),
         "step_s": sum(step_times) / len(step_times),
@@ -126,7 +133,12 @@ def markdown_table(results: list[dict]) -> str:
     header += ["process peak incl. loading (MiB)", "x full", "step (s)", "x full"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        row = [r["config"], f"{r['trainable_params'] / 1e6:.1f} M", f"{r[peak_key]:.0f}", f"{r[peak_key] / full[peak_key]:.2f}"]
+        row = [
+            r["config"],
+            f"{r['trainable_params'] / 1e6:.1f} M",
+            f"{r[peak_key]:.0f}",
+            f"{r[peak_key] / full[peak_key]:.2f}",
+        ]
         row += [] if cuda else [f"{net(r):.0f}", f"{net(r) / net(full):.2f}"]
         row += [f"{r['process_peak_rss_mib']:.0f}", f"{r['process_peak_rss_mib'] / full['process_peak_rss_mib']:.2f}"]
         row += [f"{r['step_s']:.2f}", f"{r['step_s'] / full['step_s']:.2f}"]
@@ -136,12 +148,16 @@ def markdown_table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="Model to train (default: the embedded SmolLM2-135M-Instruct).")
+    parser.add_argument(
+        "--model", default="smollm2", help="Model to train (default: the embedded SmolLM2-135M-Instruct)."
+    )
     parser.add_argument("--batch_size", type=int, default=2, help="Pairs per step (2x rows).")
     parser.add_argument("--seq_len", type=int, default=128, help="Tokens per row (no padding).")
     parser.add_argument("--steps", type=int, default=3, help="Timed steps after one warm-up step.")
     parser.add_argument("--lora_r", type=int, default=16, help="LoRA rank (alpha = r), all-linear targets.")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="Comma-separated subset of: " + ", ".join(CONFIGS))
+    parser.add_argument(
+        "--configs", default=",".join(CONFIGS), help="Comma-separated subset of: " + ", ".join(CONFIGS)
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -151,21 +167,43 @@ def main(argv: list[str] | None = None) -> list[dict]:
     names = [n.strip() for n in args.configs.split(",")]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown or names[0] != "full":
-        parser.error(f"--configs must start with 'full' (the baseline) and name only: {', '.join(CONFIGS)}; got {unknown or names}.")
+        parser.error(
+            f"--configs must start with 'full' (the baseline) and name only: {', '.join(CONFIGS)}; got "
+            f"{unknown or names}."
+        )
     results = []
     for name in names:
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        command = [sys.executable, __file__, "--worker", name, "--model", args.model, "--batch_size", str(args.batch_size),
-                   "--seq_len", str(args.seq_len), "--steps", str(args.steps), "--lora_r", str(args.lora_r)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--model",
+            args.model,
+            "--batch_size",
+            str(args.batch_size),
+            "--seq_len",
+            str(args.seq_len),
+            "--steps",
+            str(args.steps),
+            "--lora_r",
+            str(args.lora_r),
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"error: configuration {name!r} failed:\n{done.stderr[-3000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     table = markdown_table(results)
-    setup = f"{args.model}, {args.batch_size} pairs x {args.seq_len} tokens, bf16 autocast, fused AdamW, LoRA r={args.lora_r} all-linear, {results[0]['device']}"
+    setup = (
+        f"{args.model}, {args.batch_size} pairs x {args.seq_len} tokens, bf16 autocast, fused AdamW, LoRA "
+        f"r={args.lora_r} all-linear, {results[0]['device']}"
+    )
     print(f"{setup}\n\n{table}")
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps({"setup": vars(args) | {"device": results[0]["device"]}, "results": results}, indent=2) + "\n")
+    RESULTS_FILE.write_text(
+        json.dumps({"setup": vars(args) | {"device": results[0]["device"]}, "results": results}, indent=2) + "\n"
+    )
     return results
 
 

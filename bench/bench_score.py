@@ -2,7 +2,7 @@
 
     python bench/bench_score.py                       # 8 prompts x 8 completions, SmolLM2-135M, fp32, 3 rounds
     python bench/bench_score.py --threads 2 --max_completion 512
-    pytest bench/ --benchmark-only                    # the same through pytest-benchmark (RMTORCH_BENCH_ARGS adds options)
+    pytest bench/ --benchmark-only          # the same through pytest-benchmark (RMTORCH_BENCH_ARGS adds options)
 
 Load: the first `--prompts` GSM8K questions of ../shared/data/r1_gsm8k as user turns, each with `--generations`
 completions cut from that question's real R1 reasoning + answer at lengths drawn uniformly from
@@ -15,8 +15,9 @@ one forward of the HF model, `logits[:, 0]` (under no_grad). Its token ids equal
 token rmtorch does: the rewards must agree to 1e-3 (checked; fp32 for both).
 Variants: rmtorch's scorer with packing and shared prompts (default), and with sorted padded micro-batches.
 Each round runs every variant once in alternating order; each variant's time is its best round (wall clock;
-CPU time of the process alongside; the recorded ratio uses CPU time, steadier on a shared machine). Tokens/s counts the rows' real tokens (the
-same total for every variant). bf16: rmtorch's rewards under CPU bf16 autocast are compared once to fp32.
+CPU time of the process alongside; the recorded ratio uses CPU time, steadier on a shared machine). Tokens/s counts
+the rows' real tokens (the same total for every variant). bf16: rmtorch's rewards under CPU bf16 autocast are
+compared once to fp32.
 
 Writes score_* keys into bench/results/latest.json (read-modify-write: other benches own other keys) and
 prints a table.
@@ -25,7 +26,6 @@ prints a table.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -75,8 +75,12 @@ def timed(fn) -> tuple[torch.Tensor, float, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="rmtorch.score vs the seed's get_rewards_batch on a GRPO-shaped load.")
-    parser.add_argument("--model", default="smollm2", help="Reward model to load (default: the embedded SmolLM2-135M-Instruct).")
+    parser = argparse.ArgumentParser(
+        description="rmtorch.score vs the seed's get_rewards_batch on a GRPO-shaped load."
+    )
+    parser.add_argument(
+        "--model", default="smollm2", help="Reward model to load (default: the embedded SmolLM2-135M-Instruct)."
+    )
     parser.add_argument("--prompts", type=int, default=8, help="Prompts (GSM8K questions).")
     parser.add_argument("--generations", type=int, default=8, help="Completions per prompt.")
     parser.add_argument("--min_completion", type=int, default=8, help="Shortest completion, tokens.")
@@ -91,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from rmtorch.modeling import load_reward_model
+    from rmtorch.model import load_reward_model
     from rmtorch.score import RewardScorer
 
     args = build_parser().parse_args(argv)
@@ -99,16 +103,23 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     model, tokenizer = load_reward_model(args.model)
     model.eval()
-    prompts, completions = grpo_load(tokenizer, args.prompts, args.generations, args.min_completion, args.max_completion, args.seed)
-    scorers = {  # own copies: packing switches the attention implementation, the seed keeps transformers' own
-        "rmtorch packed+shared": RewardScorer(copy.deepcopy(model), tokenizer, max_tokens_per_batch=args.max_tokens_per_batch),
-        "rmtorch padded": RewardScorer(copy.deepcopy(model), tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, packing=False),
+    prompts, completions = grpo_load(
+        tokenizer, args.prompts, args.generations, args.min_completion, args.max_completion, args.seed
+    )
+    scorers = {  # the same model: the scorer leaves its attention as it found it
+        "rmtorch packed+shared": RewardScorer(model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch),
+        "rmtorch padded": RewardScorer(
+            model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, packing=False
+        ),
     }
     split = scorers["rmtorch padded"].split(prompts, completions)
     sequences = split.sequences("full")
     texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
     if tokenizer(texts, add_special_tokens=False)["input_ids"] != sequences:
-        raise RuntimeError("The seed's token ids differ from rmtorch's training-format ids; the comparison would not be like for like.")
+        raise RuntimeError(
+            "The seed's token ids differ from rmtorch's training-format ids; the comparison would not be like for "
+            "like."
+        )
     tokens = sum(len(ids) for ids in sequences)
     padded_tokens = len(sequences) * max(len(ids) for ids in sequences)
 
@@ -126,25 +137,47 @@ def main(argv: list[str] | None = None) -> dict:
     seed_name = "seed get_rewards_batch"
     max_diff = {name: (rewards[name] - rewards[seed_name]).abs().max().item() for name in scorers}
     if max(max_diff.values()) > 1e-3:
-        raise RuntimeError(f"rmtorch's rewards differ from the seed's by {max_diff} (> 1e-3); the timings would compare different work.")
+        raise RuntimeError(
+            f"rmtorch's rewards differ from the seed's by {max_diff} (> 1e-3); the timings would compare different "
+            "work."
+        )
     bf16_diff = None
     if not args.no_bf16_check:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16_rewards = scorers["rmtorch packed+shared"](prompts, completions)
+        bf16_scorer = RewardScorer(
+            model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, autocast_dtype=torch.bfloat16
+        )
+        bf16_rewards = bf16_scorer(prompts, completions)
         bf16_diff = (bf16_rewards - rewards["rmtorch packed+shared"]).abs().max().item()
 
     rows = {
-        name: {"wall_s": wall, "cpu_s": cpu, "tokens_per_s": tokens / wall, "speedup_wall": best[seed_name][0] / wall, "speedup_cpu": best[seed_name][1] / cpu}
+        name: {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "tokens_per_s": tokens / wall,
+            "speedup_wall": best[seed_name][0] / wall,
+            "speedup_cpu": best[seed_name][1] / cpu,
+        }
         for name, (wall, cpu) in best.items()
     }
-    print(f"\n{len(sequences)} rows ({args.prompts} prompts x {args.generations}), {tokens} tokens ({padded_tokens} padded in one batch), "
-          f"{platform.processor() or platform.machine()}, {args.threads} thread(s), fp32, best of {args.rounds} rounds")
-    print(f"{'variant':24s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'x seed (wall)':>14s} {'x seed (cpu)':>13s}")
+    print(
+        f"\n{len(sequences)} rows ({args.prompts} prompts x {args.generations}), {tokens} tokens ({padded_tokens} "
+        "padded in one batch), "
+        f"{platform.processor() or platform.machine()}, {args.threads} thread(s), fp32, best of {args.rounds} rounds"
+    )
+    print(
+        f"{'variant':24s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'x seed (wall)':>14s} {'x seed (cpu)':>13s}"
+    )
     for name, row in rows.items():
-        print(f"{name:24s} {row['wall_s']:8.2f} {row['cpu_s']:8.2f} {row['tokens_per_s']:9.0f} {row['speedup_wall']:14.2f} {row['speedup_cpu']:13.2f}")
+        print(
+            f"{name:24s} {row['wall_s']:8.2f} {row['cpu_s']:8.2f} {row['tokens_per_s']:9.0f} "
+            f"{row['speedup_wall']:14.2f} {row['speedup_cpu']:13.2f}"
+        )
     print("max |rmtorch - seed| reward: " + ", ".join(f"{name} {diff:.1e}" for name, diff in max_diff.items()))
     if bf16_diff is not None:
-        print(f"bf16 autocast vs fp32 (rmtorch): max |diff| {bf16_diff:.1e} -> {'within' if bf16_diff <= 1e-3 else 'outside'} 1e-3, so fp32 is timed")
+        print(
+            f"bf16 autocast vs fp32 (rmtorch): max |diff| {bf16_diff:.1e} -> "
+            f"{'within' if bf16_diff <= 1e-3 else 'outside'} 1e-3, so fp32 is timed"
+        )
 
     fast, padded = rows["rmtorch packed+shared"], rows["rmtorch padded"]
     summary = {
@@ -156,7 +189,13 @@ def main(argv: list[str] | None = None) -> dict:
         "score_seed_tokens_per_s": rows[seed_name]["tokens_per_s"],
         "score_max_reward_diff": max(max_diff.values()),
         "score_bf16_max_reward_diff": bf16_diff,
-        "score_setup": {**vars(args), "rows": len(sequences), "tokens": tokens, "padded_tokens": padded_tokens, "precision": "fp32"},
+        "score_setup": {
+            **vars(args),
+            "rows": len(sequences),
+            "tokens": tokens,
+            "padded_tokens": padded_tokens,
+            "precision": "fp32",
+        },
     }
     if not args.no_write:
         write_results(summary, ("score_",))

@@ -23,6 +23,15 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def refuse_used_output_dir(output_dir: str | Path) -> None:
+    """A fresh run must not mix with an old one: refuse an output_dir that already holds checkpoints."""
+    if (checkpoints_dir(output_dir) / "latest").exists():
+        raise SystemExit(
+            f"error: {output_dir} already holds a run with checkpoints. Pass --resume_from latest to continue it, "
+            "or choose a new --output_dir."
+        )
+
+
 def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
 
@@ -36,7 +45,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_
     final_dir, tmp_dir, old_dir = root / name, root / f".tmp-{name}", root / f".old-{name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in list(root.glob(".tmp-*")) + list(root.glob(".old-*")):  # saves run one at a time: these are from a crash
+        for stale in list(root.glob(".tmp-*")) + list(
+            root.glob(".old-*")
+        ):  # saves run one at a time: these are from a crash
             shutil.rmtree(stale, ignore_errors=True)
         tmp_dir.mkdir()
     accelerator.wait_for_everyone()
@@ -44,7 +55,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp_dir / LOOP_STATE_FILE).write_text(json.dumps(loop_state, indent=2))
-        if final_dir.exists():  # same step saved again (e.g. after a resume): keep the old copy until the new one is in place
+        if (
+            final_dir.exists()
+        ):  # same step saved again (e.g. after a resume): keep the old copy until the new one is in place
             os.replace(final_dir, old_dir)
         os.replace(tmp_dir, final_dir)
         latest_tmp = root / ".latest.tmp"
@@ -53,7 +66,9 @@ def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_
         shutil.rmtree(old_dir, ignore_errors=True)
         others = sorted((p for p in root.glob("step-*") if p.is_dir() and p != final_dir), key=_step_of)
         older = [p for p in others if _step_of(p) < loop_state["step"]]
-        for old in [p for p in others if _step_of(p) > loop_state["step"]] + older[: max(0, len(older) - (keep_last - 1))]:
+        for old in [p for p in others if _step_of(p) > loop_state["step"]] + older[
+            : max(0, len(older) - (keep_last - 1))
+        ]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final_dir
@@ -65,7 +80,10 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
     if resume_from == "latest":
         pointer = root / "latest"
         if not pointer.exists():
-            raise FileNotFoundError(f"--resume_from latest: no checkpoint under {root} yet. Start without --resume_from, or check --output_dir.")
+            raise FileNotFoundError(
+                f"--resume_from latest: no checkpoint under {root} yet. Start without --resume_from, or check "
+                "--output_dir."
+            )
         name = pointer.read_text().strip()
         path = root / name
         if not path.exists() and (root / f".old-{name}").exists():
@@ -73,7 +91,9 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
     else:
         path = Path(resume_from)
     if not (path / LOOP_STATE_FILE).exists():
-        raise FileNotFoundError(f"{path} is not a complete rmtorch checkpoint (no {LOOP_STATE_FILE}). Pass a step-* directory or 'latest'.")
+        raise FileNotFoundError(
+            f"{path} is not a complete rmtorch checkpoint (no {LOOP_STATE_FILE}). Pass a step-* directory or 'latest'."
+        )
     return path
 
 
@@ -129,7 +149,8 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
             if missing or unexpected:
                 raise ValueError(
                     f"{path} does not hold this model's trainable weights (missing {sorted(missing)[:3]}, unexpected "
-                    f"{sorted(unexpected)[:3]}): resume with the same --lora, --lora_target and --lora_r as the checkpoint."
+                    f"{sorted(unexpected)[:3]}): resume with the same --lora, --lora_target and --lora_r as the "
+                    "checkpoint."
                 )
         models.clear()  # loaded here: accelerate would expect the full state dict
 

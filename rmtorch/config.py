@@ -1,4 +1,11 @@
-"""One config dataclass for training, with YAML files and command-line overrides (CLI wins)."""
+"""Every command-line option, defined once: dataclasses with a default, a help string and an allowed range per field.
+
+Option groups are shared by the commands that need them, with the same names and defaults everywhere:
+ModelOptions (model, precision), LengthOptions / DataOptions (max_length, truncation, bad rows, margins),
+BatchOptions (packing, tokens per forward). TrainConfig, EvalConfig, ScoreConfig and MergeConfig combine them.
+Values come from defaults < a YAML file (`--config`) < the command line, and are checked on parse with messages
+like `error: --max_grad_norm must be > 0 (or 0/none to turn clipping off), got -1`.
+"""
 
 from __future__ import annotations
 
@@ -10,107 +17,298 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (see rmtorch.modeling.resolve_model_path)
+DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (rmtorch.model.resolve_model_path)
+
+
+def option(default, help: str, *, check: str | None = None, choices: tuple | None = None, required: bool = False):
+    """A config field. check: '>0', '>=0', '[0,1)', '(0,1)', '[0,1]' or 'none|>0' (None or 0 turns it off)."""
+    return field(default=default, metadata={"help": help, "check": check, "choices": choices, "required": required})
+
+
+CHECKS = {  # rule: (test, words for the message)
+    ">0": (lambda v: v > 0, "> 0"),
+    ">=0": (lambda v: v >= 0, ">= 0"),
+    ">=2": (lambda v: v >= 2, "at least 2"),
+    "[0,1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "(0,1)": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "[0,1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
 
 
 @dataclass
-class TrainConfig:
-    # model
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Base model: a local HF directory, or 'smollm2' for the embedded SmolLM2-135M-Instruct."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the model directory (off: never run code from a checkpoint)."})
-    # data
-    train_file: str | None = field(default=None, metadata={"help": "Training pairs: JSONL, JSON, Parquet or a saved `datasets` directory. None: the built-in dataset."})
-    eval_file: str | None = field(default=None, metadata={"help": "Held-out pairs (same formats). None: a held-out split of the training data."})
-    eval_fraction: float = field(default=0.1, metadata={"help": "Fraction of the training data held out when --eval_file is not given."})
-    builtin_size: int = field(default=1000, metadata={"help": "Number of pairs generated for the built-in dataset."})
-    max_length: int | None = field(default=512, metadata={"help": "Longest sequence (tokens, special and template tokens included); None: no limit."})
-    truncation: str = field(default="drop", metadata={"help": "Pairs longer than max_length: 'drop' (TRL's rule, counted) or 'keep_end' (cut the prompt from the left)."})
-    on_bad_row: str = field(default="error", metadata={"help": "'error': stop at the first bad row with its location; 'skip': skip and count bad rows."})
-    margin_column: str | None = field(default=None, metadata={"help": "Column holding a per-pair margin m in -logsigmoid(r_c - r_r - m)."})
-    # optimisation
-    output_dir: str = field(default="outputs/reward_model", metadata={"help": "Where checkpoints, metrics and the final model go."})
-    batch_size: int = field(default=8, metadata={"help": "Pairs per micro-batch per process."})
-    eval_batch_size: int = field(default=16, metadata={"help": "Pairs per evaluation batch per process."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches accumulated per optimizer step."})
-    lr: float = field(default=5e-5, metadata={"help": "Peak learning rate (AdamW)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not applied to biases and norms)."})
-    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
-    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
-    adam_eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Clip the gradient norm to this value; None: no clipping."})
-    epochs: float = field(default=1.0, metadata={"help": "Passes over the training data (ignored when max_steps is set)."})
-    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps to run; overrides epochs."})
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "Warm-up as a fraction of all steps (used when warmup_steps is 0)."})
-    scheduler: str = field(default="linear", metadata={"help": "Learning-rate schedule after warm-up: linear, cosine or constant."})
-    center_rewards_coefficient: float = field(default=0.0, metadata={"help": "Weight c of the centering term c * mean((r_c + r_r)^2); 0.01 is the paper's value."})
-    seed: int = field(default=42, metadata={"help": "Seed for the score head, data order and dropout."})
-    shuffle: bool = field(default=True, metadata={"help": "Shuffle training pairs each epoch (False: file order, as TRL's sequential sampler)."})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast for the forward pass (loss stays fp32). Off: pure fp32."})
-    cpu_threads: int | None = field(default=None, metadata={"help": "Torch threads per process on CPU. None: the machine's cores split among this machine's processes (`accelerate launch` alone would give each process 1)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward (non-reentrant) to save memory."})
-    group_by_length: bool = field(default=False, metadata={"help": "Batch pairs of similar length (sorted within windows of 50 batches, batches shuffled) to cut padding. Changes which pairs share a batch."})
-    packing: bool = field(default=False, metadata={"help": "Padding-free batches: each batch's sequences back to back in one row with restarting positions (block attention); rewards equal the padded path to ~1e-6 in fp32."})
-    shared_prompt: bool = field(default=False, metadata={"help": "Packed rows as [prompt, chosen, rejected]: the shared prompt is computed once (implies --packing; equal to the unshared path to ~1e-6 in fp32). Logged tokens then count the prompt once."})
-    # LoRA and QLoRA
-    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on a frozen body; the score head is always fully trained in fp32. output_dir then holds the adapter (loads with peft or rmtorch.modeling.load_reward_model)."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input (the only dropout left on: the model's own is disabled)."})
-    lora_target: str = field(default="all-linear", metadata={"help": "Layers that get adapters: 'all-linear' (every attention and MLP projection, not the head) or comma-separated names, e.g. 'q_proj,v_proj'."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: load the body in 4-bit nf4 with double quantization (bitsandbytes); compute in bf16 when --bf16, else fp32. Needs --lora."})
-    merge_lora: bool = field(default=False, metadata={"help": "With --lora: also write a merged plain model to output_dir/merged (loads with AutoModelForSequenceClassification, no peft). Same as `python -m rmtorch.export --adapter OUTPUT_DIR --merge`."})
-    # logging and checkpoints
-    log_every: int = field(default=10, metadata={"help": "Print and record metrics every N optimizer steps."})
-    eval_every: int | None = field(default=None, metadata={"help": "Evaluate every N optimizer steps (None: only at the end)."})
-    save_every: int | None = field(default=None, metadata={"help": "Save a resumable checkpoint every N optimizer steps (None: only at the end)."})
-    resume_from: str | None = field(default=None, metadata={"help": "Checkpoint directory to resume from, or 'latest' for output_dir/checkpoints/latest."})
-    report_to: str | None = field(default="none", metadata={"help": "Also log metrics to a tracker via Accelerate: 'none' (metrics.jsonl only) or 'tensorboard' (output_dir/tensorboard)."})
-    category_column: str | None = field(default="category", metadata={"help": "Eval-data column whose values split accuracy in output_dir/report (ignored when the data has no such column)."})
+class Options:
+    """Base of every command's options: checks each field's rule on construction, then `check()` across fields."""
 
     def __post_init__(self):
-        if self.truncation not in ("drop", "keep_end"):
-            raise ValueError(f"truncation must be 'drop' or 'keep_end', got {self.truncation!r}.")
-        if self.on_bad_row not in ("error", "skip"):
-            raise ValueError(f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}.")
-        if self.scheduler not in ("linear", "cosine", "constant"):
-            raise ValueError(f"scheduler must be linear, cosine or constant, got {self.scheduler!r}.")
-        for name in ("lr", "batch_size", "eval_batch_size", "grad_accum"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value!r}.")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"max_steps must be positive, got {self.max_steps}.")
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                if f.metadata.get("required"):
+                    raise ValueError(f"--{f.name} is required: {f.metadata['help']}")
+                continue
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                allowed = " or ".join(repr(c) for c in choices) if len(choices) <= 3 else ", ".join(map(repr, choices))
+                raise ValueError(f"--{f.name} must be {allowed}, got {value!r}.")
+            rule = f.metadata.get("check")
+            if rule is None:
+                continue
+            test, words = CHECKS[rule]
+            if not (math.isfinite(value) and test(value)):
+                raise ValueError(
+                    f"--{f.name} must be {'a positive number' if rule == '>0' else words}, got {value!r}."
+                )
+        self.check()
+
+    def check(self) -> None:
+        """Rules across fields; raise ValueError with the fix."""
+
+
+@dataclass
+class ModelOptions(Options):
+    model: str = option(
+        DEFAULT_MODEL,
+        "Model: a local HF directory (a run's output_dir, a LoRA adapter directory), a .gguf file, or 'smollm2' for "
+        "the embedded SmolLM2-135M-Instruct.",
+    )
+    trust_remote_code: bool = option(
+        False, "Allow custom model code from the model directory (off: never run code from a checkpoint)."
+    )
+    bf16: bool = option(True, "bf16 autocast for the forward pass (loss and rewards stay fp32). Off: pure fp32.")
+    cpu_threads: int | None = option(
+        None,
+        "Torch threads per process on CPU. None: the machine's cores split among this machine's processes "
+        "(`accelerate launch` alone would give each process 1).",
+        check=">0",
+    )
+
+
+@dataclass
+class LengthOptions(Options):
+    max_length: int | None = option(
+        512, "Longest sequence in tokens (special and template tokens included); none: no limit.", check=">=2"
+    )
+
+
+@dataclass
+class DataOptions(LengthOptions):
+    truncation: str = option(
+        "drop",
+        "Pairs longer than max_length: 'drop' (TRL's rule, counted) or 'keep_end' (cut the prompt from the left; "
+        "responses stay whole).",
+        choices=("drop", "keep_end"),
+    )
+    on_bad_row: str = option(
+        "error",
+        "'error': stop at the first bad row with its location; 'skip': skip and count bad rows (malformed lines "
+        "included).",
+        choices=("error", "skip"),
+    )
+    margin_column: str | None = option(
+        "margin",
+        "Column holding a per-pair margin m in -logsigmoid(r_c - r_r - m); used when present (as TRL). none: ignore "
+        "margins.",
+    )
+    category_column: str | None = option(
+        "category",
+        "Column whose values split evaluation accuracy in the report (ignored when the data has no such column).",
+    )
+
+
+@dataclass
+class BatchOptions(Options):
+    packing: bool = option(
+        False,
+        "Padding-free packed rows, each pair as [prompt, chosen, rejected] with the prompt computed once (block "
+        "attention; equal to the padded path within ~1e-6 in fp32). false: TRL's padded batches.",
+    )
+    max_tokens_per_batch: int = option(16384, "Tokens per forward pass when evaluating and scoring.", check=">0")
+
+
+@dataclass
+class TrainConfig(BatchOptions, DataOptions, ModelOptions):
+    # data
+    train_file: str | None = option(
+        None, "Training pairs: JSONL, JSON, Parquet or a saved `datasets` directory. None: the built-in dataset."
+    )
+    eval_file: str | None = option(None, "Held-out pairs (same formats). None: a held-out split of the training data.")
+    eval_fraction: float = option(
+        0.1, "Fraction of the training data held out when --eval_file is not given.", check="[0,1)"
+    )
+    builtin_size: int = option(1000, "Number of pairs generated for the built-in dataset.", check=">=2")
+    # optimisation
+    output_dir: str = option("outputs/reward_model", "Where checkpoints, metrics and the final model go.")
+    batch_size: int = option(8, "Pairs per micro-batch per process.", check=">0")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.", check=">0")
+    lr: float = option(5e-5, "Peak learning rate (AdamW).", check=">0")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norms).", check=">=0")
+    adam_beta1: float = option(0.9, "AdamW beta1.", check="[0,1)")
+    adam_beta2: float = option(0.999, "AdamW beta2.", check="[0,1)")
+    adam_eps: float = option(1e-8, "AdamW epsilon.", check=">0")
+    max_grad_norm: float | None = option(1.0, "Clip the gradient norm to this value; 0 or none: no clipping.")
+    epochs: float = option(1.0, "Passes over the training data (ignored when max_steps is set).", check=">0")
+    max_steps: int | None = option(None, "Optimizer steps to run; overrides epochs.", check=">0")
+    warmup_steps: int = option(0, "Linear warm-up steps.", check=">=0")
+    warmup_ratio: float = option(
+        0.05, "Warm-up as a fraction of all steps (used when warmup_steps is 0).", check="[0,1]"
+    )
+    scheduler: str = option(
+        "linear", "Learning-rate schedule after warm-up.", choices=("linear", "cosine", "constant")
+    )
+    center_rewards_coefficient: float = option(
+        0.0, "Weight c of the centering term c * mean((r_c + r_r)^2); 0.01 is the paper's value.", check=">=0"
+    )
+    seed: int = option(42, "Seed for the score head, data order and dropout.")
+    shuffle: bool = option(True, "Shuffle training pairs each epoch (False: file order, as TRL's sequential sampler).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward (non-reentrant) to save memory.")
+    group_by_length: bool = option(
+        False,
+        "Batch pairs of similar length (sorted within windows of 50 batches, batches shuffled) to cut padding. "
+        "Changes which pairs share a batch.",
+    )
+    # LoRA and QLoRA
+    lora: bool = option(
+        False,
+        "Train LoRA adapters on a frozen body; the score head is always fully trained in fp32. output_dir then "
+        "holds the adapter.",
+    )
+    lora_r: int = option(16, "LoRA rank r.", check=">0")
+    lora_alpha: int = option(16, "LoRA alpha; the update is scaled by alpha / r.", check=">0")
+    lora_dropout: float = option(
+        0.0, "Dropout on the LoRA input (the only dropout left on: the model's own is disabled).", check="[0,1)"
+    )
+    lora_target: str = option(
+        "all-linear",
+        "Layers that get adapters: 'all-linear' (every attention and MLP projection, not the head) or "
+        "comma-separated names, e.g. 'q_proj,v_proj'.",
+    )
+    load_in_4bit: bool = option(
+        False,
+        "QLoRA: load the body in 4-bit nf4 with double quantization (bitsandbytes); compute in bf16 when --bf16, "
+        "else fp32. Needs --lora.",
+    )
+    merge_lora: bool = option(
+        False, "With --lora: also write a merged plain model to output_dir/merged (same as merge_lora.py afterwards)."
+    )
+    # logging and checkpoints
+    log_every: int = option(10, "Print metrics every N optimizer steps (metrics.jsonl gets every step).", check=">0")
+    eval_every: int | None = option(None, "Evaluate every N optimizer steps (none: only at the end).", check=">0")
+    save_every: int | None = option(
+        None, "Save a resumable checkpoint every N optimizer steps (none: only at the end).", check=">0"
+    )
+    resume_from: str | None = option(
+        None, "Checkpoint directory to resume from, or 'latest' for output_dir/checkpoints/latest."
+    )
+    report_to: str | None = option(
+        "none",
+        "Also log metrics through Accelerate's trackers: none, or comma-separated names (tensorboard, wandb "
+        "(offline), mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio).",
+    )
+
+    def check(self) -> None:
+        if self.eval_file is None and self.eval_fraction == 0:
+            raise ValueError(
+                "--eval_fraction 0 leaves nothing to evaluate on: give it a value in (0, 1), or pass --eval_file."
+            )
+        if self.max_grad_norm is not None and (not math.isfinite(self.max_grad_norm) or self.max_grad_norm < 0):
+            raise ValueError(
+                f"--max_grad_norm must be > 0 (or 0/none to turn clipping off), got {self.max_grad_norm!r}."
+            )
         if self.load_in_4bit and not self.lora:
-            raise ValueError("load_in_4bit needs lora: 4-bit weights cannot be fully fine-tuned. Add --lora to train adapters on the 4-bit body (QLoRA).")
+            raise ValueError(
+                "load_in_4bit needs lora: 4-bit weights cannot be fully fine-tuned. Add --lora to train adapters on "
+                "the 4-bit body (QLoRA)."
+            )
         if self.merge_lora and not self.lora:
             raise ValueError("merge_lora needs lora: without --lora, output_dir already holds a plain model.")
-        if self.lora:
-            if not (isinstance(self.lora_r, int) and self.lora_r > 0 and self.lora_alpha > 0):
-                raise ValueError(f"lora_r and lora_alpha must be positive, got lora_r={self.lora_r!r}, lora_alpha={self.lora_alpha!r}.")
-            if not 0.0 <= self.lora_dropout < 1.0:
-                raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-            if not self.lora_target.strip(" ,"):
-                raise ValueError("lora_target is empty: use 'all-linear' or comma-separated layer names such as 'q_proj,v_proj'.")
-        if self.report_to not in (None, "none", "tensorboard"):
-            raise ValueError(f"report_to must be 'none' or 'tensorboard', got {self.report_to!r}.")
+        if not self.lora_target.strip(" ,"):
+            raise ValueError(
+                "lora_target is empty: use 'all-linear' or comma-separated layer names such as 'q_proj,v_proj'."
+            )
+        trackers = tracker_names(self.report_to)
+        unknown = sorted(set(trackers) - set(known_trackers()))
+        if unknown:
+            raise ValueError(
+                f"--report_to: unknown tracker(s) {unknown}; Accelerate supports {', '.join(known_trackers())} (or "
+                "none)."
+            )
+
+
+@dataclass
+class EvalConfig(BatchOptions, DataOptions, ModelOptions):
+    model: str | None = option(
+        None,
+        "The reward model to evaluate: a run's output_dir, a LoRA adapter directory, or 'smollm2'.",
+        required=True,
+    )
+    data: str | None = option(
+        None,
+        "Pairs to evaluate: JSONL, JSON, Parquet or a saved datasets directory (also the LLaMA-Factory and LLMBar "
+        "layouts).",
+        required=True,
+    )
+    report: str | None = option(None, "Directory for metrics.json, scores.jsonl and the PNG plots (none: print only).")
+    n_bins: int = option(10, "Calibration bins on [0, 1].", check=">0")
+    length_buckets: int = option(4, "Quantile buckets of pair length.", check=">0")
+
+
+@dataclass
+class ScoreConfig(BatchOptions, LengthOptions, ModelOptions):
+    model: str | None = option(
+        None,
+        "Trained reward model directory (train.py's output_dir, a LoRA adapter directory), a .gguf file, or "
+        "'smollm2'.",
+        required=True,
+    )
+    input: str | None = option(
+        None, "Rows to score: .jsonl, .json, .parquet or a saved datasets directory.", required=True
+    )
+    output: str | None = option(None, "JSONL file to write: each input row plus its reward field(s).", required=True)
+    part: str = option(
+        "full",
+        "What to score: the full completion, the answer after </think>, or the thinking.",
+        choices=("full", "answer", "thinking"),
+    )
+    rows_per_chunk: int = option(1024, "Rows handed to the scorer (and written) per progress step.", check=">0")
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (none: cuda when available).")
+
+
+@dataclass
+class MergeConfig(Options):
+    model: str | None = option(None, "LoRA adapter directory (output_dir of `train.py --lora`).", required=True)
+    output_dir: str | None = option(None, "Where the merged model goes (none: MODEL/merged).")
+    merge_into: str = option(
+        "trained",
+        "'trained': the base as trained (4-bit dequantized), scores like the adapter; 'original': the base's "
+        "full-precision weights.",
+        choices=("trained", "original"),
+    )
+    trust_remote_code: bool = option(False, "Allow custom model code from the base model directory.")
+
+
+# ------------------------------------------------------------------------------------------- trackers
+
+
+def known_trackers() -> list[str]:
+    from accelerate.utils import LoggerType
+
+    return sorted(t.value for t in LoggerType if t.value != "all")
+
+
+def tracker_names(report_to: str | None) -> list[str]:
+    if report_to is None or report_to.strip().lower() in ("", "none"):
+        return []
+    return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
 
 
 def _parse_value(text: str, default):
     """Parse a CLI string with YAML rules, so `--max_steps none`, `--lr 2e-5`, `--bf16 false` all work."""
     if text.strip().lower() in ("none", "null", "~"):
         return None
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and isinstance(default, float):
-        try:
-            value = float(value)  # YAML 1.1 reads "2e-5" as a string
-        except ValueError:
-            pass  # not a number: _check_type names the option
-    return value
+    return yaml.safe_load(text)
 
 
 def _check_type(name: str, value, field_type: str, source: str):
@@ -122,9 +320,16 @@ def _check_type(name: str, value, field_type: str, source: str):
         if not isinstance(value, bool):
             raise ValueError(f"{source}: {name} must be true or false, got {value!r}.")
     elif field_type.startswith("int"):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # 1e3 from YAML
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{source}: {name} must be an integer, got {value!r}.")
     elif field_type.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) and "nan" as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass  # not a number: named below
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{source}: {name} must be a number, got {value!r}.")
         value = float(value)
@@ -133,46 +338,85 @@ def _check_type(name: str, value, field_type: str, source: str):
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Train a reward model (pairwise loss) with a hand-written Accelerate loop.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def build_parser(cls: type[Options], description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument(
+        "--config", default=None, help="YAML file of option: value pairs; command-line options override it."
     )
-    parser.add_argument("--config", default=None, help="YAML file of option: value pairs; CLI options override it.")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         # A bool option given alone means true (`--lora`); `--bf16 false` still works.
         bare = {"nargs": "?", "const": "true"} if f.type.startswith("bool") else {}
         parser.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"] + f" [{f.type}]", **bare)
     return parser
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults < YAML file (--config) < command-line options. Unknown keys are errors."""
-    parser = build_parser()
+def parse_config(
+    argv: list[str] | None = None, cls: type[Options] = TrainConfig, base: dict | None = None, description: str = ""
+):
+    """Defaults < `base` (e.g. a trained run's config) < YAML file (--config) < command-line options.
+
+    Unknown options and keys, wrong types and values out of range raise SystemExit("error: ...").
+    """
+    parser = build_parser(cls, description or (cls.__doc__ or ""))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        valid = ", ".join(f"--{f.name}" for f in dataclasses.fields(TrainConfig))
+        valid = ", ".join(f"--{f.name}" for f in dataclasses.fields(cls))
         raise SystemExit(f"error: unknown option(s) {' '.join(unknown)}. Valid options: --config, {valid}")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    values: dict = {}
-    if args.config is not None:
-        path = Path(args.config)
-        if not path.is_file():
-            raise SystemExit(f"error: config file {path} does not exist.")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise SystemExit(f"error: config file {path} must hold a mapping of option: value pairs.")
-        bad = sorted(set(loaded) - set(types))
-        if bad:
-            raise SystemExit(f"error: config file {path}: unknown key(s) {bad}. Valid keys: {sorted(types)}.")
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in (base or {}).items() if k in types}
     try:
-        for name, value in (loaded.items() if args.config is not None else ()):
-            values[name] = _check_type(name, value, types[name], f"config file {path}")
-        for name, default in defaults.items():
-            cli_value = getattr(args, name)
-            if cli_value is not default:  # given on the command line, as a string
-                values[name] = _check_type(name, _parse_value(cli_value, default), types[name], f"--{name}")
-        return TrainConfig(**values)
+        if args.config is not None:
+            path = Path(args.config)
+            if not path.is_file():
+                raise ValueError(f"config file {path} does not exist.")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"config file {path} must hold a mapping of option: value pairs.")
+            bad = sorted(set(loaded) - set(types))
+            if bad:
+                raise ValueError(f"config file {path}: unknown key(s) {bad}. Valid keys: {sorted(types)}.")
+            for name, value in loaded.items():
+                values[name] = _check_type(name, value, types[name], f"config file {path}")
+        for f in dataclasses.fields(cls):
+            cli_value = getattr(args, f.name)
+            if cli_value is not f.default:  # given on the command line, as a string
+                values[f.name] = _check_type(f.name, _parse_value(cli_value, f.default), types[f.name], f"--{f.name}")
+        return cls(**values)
     except ValueError as err:  # wrong types and values: a message, not a traceback
         raise SystemExit(f"error: {err}") from None
+
+
+def to_yaml(cfg: Options) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def shared_options(cfg: Options, cls: type[Options]) -> dict:
+    """The values of `cfg` for the fields `cls` also has (e.g. a trained run's data options for evaluation)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
+
+
+# What evaluation and scoring take from the run that trained a model (its config.yaml), unless given.
+TRAINED_DEFAULTS = (
+    "max_length",
+    "truncation",
+    "margin_column",
+    "category_column",
+    "packing",
+    "max_tokens_per_batch",
+    "bf16",
+)
+
+
+def trained_defaults(model: str | None, cls: type[Options]) -> dict:
+    """The options a train.py run used (MODEL/config.yaml) that `cls` shares, so a model is evaluated and scored
+    the way it was trained. Empty for anything that is not a run directory."""
+    path = Path(model) / "config.yaml" if model else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: loaded[k] for k in TRAINED_DEFAULTS if isinstance(loaded, dict) and k in loaded and k in names}

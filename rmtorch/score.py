@@ -4,27 +4,23 @@
     rewards = scorer(prompts, completions)            # (N,) fp32, input order
     trainer = GRPOTrainer(..., reward_funcs=[scorer.as_reward_func(name="rm")])
 
-Formatting: every row goes through `rmtorch.data.tokenize_response`, the function training uses, so the ids are
+Formatting: every row goes through `rmtorch.pairs.tokenize_response`, the function training uses, so the ids are
 the ids the model was trained on (TRL's GRPO scores standard text without the BOS/EOS its RewardTrainer trained
-with, ../shared/trl_spec.md §7.6; rmtorch does not).
+with; rmtorch does not).
 
-Fused batching. Default (`packing=True`): rows that share a prompt (GRPO's num_generations completions) are
-packed into one padding-free row as [prompt, completion 1, completion 2, ...], the prompt computed once
-(rmtorch.packing's block attention); groups are packed, largest first, into rows of at most
-`max_tokens_per_batch` tokens, one forward per row. `packing=False`: rows are sorted by length and padded
-(left or right) into micro-batches of at most `max_tokens_per_batch` padded tokens (rows × longest row), with
-position ids taken from the attention mask. Either way a row larger than the budget runs alone, results come
-back in input order, and every reward equals the row scored alone (fp32, ~1e-6).
+Batching is `rmtorch.model.compute_rewards`: by default rows that share a prompt (GRPO's num_generations
+completions) are packed into one padding-free row as [prompt, completion 1, completion 2, ...], the prompt
+computed once; `packing=False` sorts rows by length and pads micro-batches (left or right). Either way every
+reward equals the row scored alone (fp32, ~1e-6), and the caller's model is left as it was given.
 
 Truncation: a row longer than `max_length` (default: the model's max_position_embeddings) keeps its end: tokens
-are cut from the left, after a leading BOS, which is kept. Such rows are counted in a logged warning and flagged
-in `ScoreDetails.truncated`.
+are cut from the left (after a leading BOS the tokenizer adds, which is kept). Such rows are counted in a logged
+warning and flagged in `ScoreDetails.truncated`.
 
 Empty completions are scored, not refused: RL policies do emit them, and training's format for an empty
 response is defined (standard text: prompt + EOS; conversations: an empty assistant turn).
 
-The scorer returns raw rewards. Scaling for RL (normalisers, clipping) is the caller's, e.g. through
-`as_reward_func(transform=...)`.
+The scorer returns raw rewards. Scaling for RL is the caller's, e.g. `as_reward_func(transform=RewardNormalizer())`.
 """
 
 from __future__ import annotations
@@ -35,9 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rmtorch.data import common_prefix_length, keep_end, pad_sequences, tokenize_response
-from rmtorch.modeling import RewardModel, load_reward_model
-from rmtorch.packing import enable_block_attention, pack_groups, shared_prefix_length
+from rmtorch.model import RewardModel, compute_rewards, load_reward_model
+from rmtorch.pairs import adds_bos, common_prefix_length, keep_end, prompt_ids, tokenize_response
 from rmtorch.thinking import SplitCompletions, resolve_think_tokens, split_rows
 
 logger = logging.getLogger(__name__)
@@ -53,32 +48,11 @@ class ScoreDetails:
     unclosed_think: torch.Tensor  # bool, a <think> with no </think> after it
 
 
-def micro_batches(sizes: list[int], max_tokens_per_batch: int, padded: bool = True) -> list[list[int]]:
-    """Group item indices, largest first, into batches that fit the token budget.
-
-    padded: a batch costs items × its largest size (rows of one padded tensor); otherwise the sum of the sizes
-    (pieces of one packed row). An item larger than the budget gets a batch of its own.
-    """
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    batches: list[list[int]] = []
-    cost = 0
-    for index in order:
-        added = (len(batches[-1]) + 1) * sizes[batches[-1][0]] if padded and batches else cost + sizes[index]
-        if batches and added <= max_tokens_per_batch:
-            batches[-1].append(index)
-            cost = added
-        else:
-            batches.append([index])
-            cost = sizes[index]
-    return batches
-
-
 class RewardScorer:
     """Scores (prompt, completion) rows with a sequence-classification reward model; see the module docstring.
 
-    The model is put in eval mode for each call and returned to its previous mode afterwards. With packing,
-    the model's attention is switched to rmtorch's block attention (ordinary batches still run plain SDPA,
-    with unchanged results); nothing else about the caller's model or tokenizer is changed.
+    The model runs in eval mode for each call and gets its previous mode back; its attention implementation,
+    config and tokenizer are not changed.
     """
 
     def __init__(
@@ -90,6 +64,7 @@ class RewardScorer:
         max_tokens_per_batch: int = 16384,
         packing: bool = True,
         padding_side: str = "right",
+        autocast_dtype: torch.dtype | None = None,
         think_start_token: str | int | None = "<think>",
         think_end_token: str | int | None = "</think>",
     ):
@@ -106,11 +81,11 @@ class RewardScorer:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.packing = packing
         self.padding_side = padding_side
+        self.autocast_dtype = autocast_dtype
         # The pad id only fills masked positions (pooling and positions follow the mask), so any valid id works.
         self.pad_token_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.think = resolve_think_tokens(tokenizer, think_start_token, think_end_token)
-        if packing:
-            enable_block_attention(model)
+        self.keep_first = adds_bos(tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -137,9 +112,14 @@ class RewardScorer:
     def _check_inputs(self, prompts, completions) -> None:
         """Raise ValueError naming the first row that is neither (text, text) nor (messages, messages)."""
         if isinstance(prompts, (str, dict)) or isinstance(completions, (str, dict)):
-            raise ValueError("prompts and completions must be lists with one entry per row, not a single string or message.")
+            raise ValueError(
+                "prompts and completions must be lists with one entry per row, not a single string or message."
+            )
         if len(prompts) != len(completions):
-            raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion (repeat a prompt for each of its completions).")
+            raise ValueError(
+                f"Got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion "
+                "(repeat a prompt for each of its completions)."
+            )
         kinds = []
         for row, (prompt, completion) in enumerate(zip(prompts, completions)):
             if isinstance(completion, str) and isinstance(prompt, (str, type(None))):
@@ -148,21 +128,20 @@ class RewardScorer:
                 kinds.append("messages")
             else:
                 raise ValueError(
-                    f"Row {row}: prompt is {type(prompt).__name__} and completion is {type(completion).__name__}. Give both as strings, "
-                    "or both as lists of {'role', 'content'} messages (the completion, e.g. [{'role': 'assistant', 'content': ...}])."
+                    f"Row {row}: prompt is {type(prompt).__name__} and completion is {type(completion).__name__}. "
+                    "Give both as strings, or both as lists of {'role', 'content'} messages (the completion, e.g. "
+                    "[{'role': 'assistant', 'content': ...}])."
                 )
             if kinds[-1] != kinds[0]:
-                raise ValueError(f"Row {row} is {kinds[-1]} but row 0 is {kinds[0]}; score standard text and conversations in separate calls.")
+                raise ValueError(
+                    f"Row {row} is {kinds[-1]} but row 0 is {kinds[0]}; score standard text and conversations in "
+                    "separate calls."
+                )
         if kinds and kinds[0] == "messages" and not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("The rows are conversations (message lists) but the reward model's tokenizer has no chat template. Give the rows as strings or set a chat template.")
-
-    def _prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, str) or prompt is None:
-            return list(self.tokenizer(text=prompt or "")["input_ids"])
-        if not prompt:
-            return []
-        encoded = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return list(encoded["input_ids"])
+            raise ValueError(
+                "The rows are conversations (message lists) but the reward model's tokenizer has no chat template. "
+                "Give the rows as strings or set a chat template."
+            )
 
     def split(self, prompts, completions) -> SplitCompletions:
         """Training-format ids of each row, cut into prompt | thinking | answer by the `</think>` token id.
@@ -177,70 +156,40 @@ class RewardScorer:
             ids = tokenize_response(self.tokenizer, prompt, completion)
             key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
             if key not in prompt_cache:
-                prompt_cache[key] = self._prompt_ids(prompt)
+                prompt_cache[key] = prompt_ids(self.tokenizer, prompt)
             sequences.append(ids)
-            prompt_lengths.append(common_prefix_length(prompt_cache[key], ids))
+            prompt_lengths.append(min(common_prefix_length(prompt_cache[key], ids), len(ids) - 1))
         return split_rows(sequences, prompt_lengths, self.think)
 
     # -------------------------------------------------------------------------------------- scoring
 
-    @torch.inference_mode()
     def score_ids(self, sequences: list[list[int]], prompt_lengths: list[int] | None = None) -> torch.Tensor:
-        """(N,) fp32 rewards of already formatted id lists, in input order: the fused batched forward.
+        """(N,) fp32 rewards of already formatted id lists, in input order (no truncation here).
 
         prompt_lengths: each row's prompt length; with packing, rows whose prompts are identical share one
-        prompt computation. No truncation happens here.
+        prompt computation.
         """
-        rewards = torch.empty(len(sequences), dtype=torch.float32)
-        if not sequences:
-            return rewards
-        if any(len(ids) == 0 for ids in sequences):
-            raise ValueError("score_ids got an empty token sequence; every row needs at least one token.")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            batches = self._packed_forward(sequences, prompt_lengths or [0] * len(sequences)) if self.packing else self._padded_forward(sequences)
-            for rows, batch_rewards in batches:
-                rewards[rows] = batch_rewards.float().cpu()
-        finally:
-            self.model.train(was_training)
-        return rewards
-
-    def _padded_forward(self, sequences: list[list[int]]):
-        """Yield (rows, rewards) per padded micro-batch, longest rows first."""
-        device = next(self.model.parameters()).device
-        for rows in micro_batches([len(ids) for ids in sequences], self.max_tokens_per_batch):
-            input_ids, attention_mask = pad_sequences([sequences[i] for i in rows], self.pad_token_id, self.padding_side)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding starts at 0 too
-            yield rows, self.reward_model(input_ids.to(device), attention_mask.to(device), position_ids=position_ids.to(device))
-
-    def _packed_forward(self, sequences: list[list[int]], prompt_lengths: list[int]):
-        """Yield (rows, rewards) per packed row: groups sharing a prompt, split to fit the budget, largest first."""
-        device = next(self.model.parameters()).device
-        groups: dict[tuple, list[int]] = {}
-        for index, (ids, prompt_length) in enumerate(zip(sequences, prompt_lengths)):
-            groups.setdefault(tuple(ids[:prompt_length]) if prompt_length else ("row", index), []).append(index)
-        chunks, chunk_tokens = [], []
-        for group in groups.values():
-            shared = shared_prefix_length([sequences[i] for i in group]) if len(group) > 1 else 0
-            for part in micro_batches([len(sequences[i]) - shared for i in group], self.max_tokens_per_batch - shared, padded=False):
-                chunks.append([group[j] for j in part])
-                chunk_tokens.append(sum(len(sequences[i]) for i in chunks[-1]) - shared * (len(part) - 1))
-        for batch in micro_batches(chunk_tokens, self.max_tokens_per_batch, padded=False):
-            packed = pack_groups([[sequences[i] for i in chunks[c]] for c in batch], share_prompt=True)
-            inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in packed.items()}
-            yield [i for c in batch for i in chunks[c]], self.reward_model(**inputs)
+        return compute_rewards(
+            self.reward_model, sequences, prompt_lengths, pad_token_id=self.pad_token_id, packing=self.packing,
+            max_tokens_per_batch=self.max_tokens_per_batch, padding_side=self.padding_side,
+            autocast_dtype=self.autocast_dtype,
+        )  # fmt: skip
 
     def score_split(self, split: SplitCompletions, part: str = "full") -> ScoreDetails:
         """Score `part` of already split rows (see `split`), truncating rows longer than max_length."""
         sequences = split.sequences(part)
         prompt_lengths = [len(ids) for ids in split.prompt_ids]
-        truncated = torch.tensor([self.max_length is not None and len(ids) > self.max_length for ids in sequences], dtype=torch.bool)
+        truncated = torch.tensor(
+            [self.max_length is not None and len(ids) > self.max_length for ids in sequences], dtype=torch.bool
+        )
         if truncated.any():
-            logger.warning("%d of %d rows are longer than max_length=%d tokens; scoring their last %d tokens (a leading BOS kept).", int(truncated.sum()), len(sequences), self.max_length, self.max_length)
-            bos_id = self.tokenizer.bos_token_id
+            logger.warning(
+                "%d of %d rows are longer than max_length=%d tokens; scoring their last %d tokens.",
+                int(truncated.sum()), len(sequences), self.max_length, self.max_length,
+            )  # fmt: skip
             for row in truncated.nonzero().flatten().tolist():
-                sequences[row] = keep_end(sequences[row], self.max_length, bos_id is not None and sequences[row][0] == bos_id)
+                keep_first = self.keep_first and sequences[row][0] == self.tokenizer.bos_token_id
+                sequences[row] = keep_end(sequences[row], self.max_length, keep_first)
                 prompt_lengths[row] = 0  # its prompt was cut: nothing to share
         rewards = self.score_ids(sequences, prompt_lengths)
         num_tokens = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)
@@ -260,8 +209,8 @@ class RewardScorer:
     def as_reward_func(self, name: str = "reward_model", *, part: str = "full", transform=None):
         """A TRL `reward_funcs` entry: `f(prompts, completions, **kwargs) -> list[float]` named `name`.
 
-        transform: optional callable on the (N,) reward tensor (e.g. a normaliser from rmtorch.scaling) applied
-        before the floats are returned; TRL's own kwargs (completion_ids, trainer_state, ...) are ignored.
+        transform: optional callable on the (N,) reward tensor (e.g. a RewardNormalizer) applied before the floats
+        are returned; TRL's own kwargs (completion_ids, trainer_state, ...) are ignored.
         """
 
         def reward_func(prompts, completions, **kwargs) -> list[float]:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 PARTS = ("full", "answer", "thinking")  # what a scorer can score of each row
 
 
@@ -31,7 +30,9 @@ class ThinkTokens:
     end_id: int | None
 
 
-def resolve_think_tokens(tokenizer, start_token: str | int | None = "<think>", end_token: str | int | None = "</think>") -> ThinkTokens:
+def resolve_think_tokens(
+    tokenizer, start_token: str | int | None = "<think>", end_token: str | int | None = "</think>"
+) -> ThinkTokens:
     """Look up the delimiter ids (an int is taken as the id itself); a token missing from the vocabulary is None."""
 
     def lookup(token):
@@ -71,7 +72,8 @@ class SplitCompletions:
     unclosed_think: torch.Tensor  # (N,) bool
 
     def sequences(self, part: str) -> list[list[int]]:
-        """The id lists the reward model scores for `part`: full, answer (prompt + answer) or thinking (prompt + thinking)."""
+        """The id lists the reward model scores for `part`: full, answer (prompt + answer) or thinking
+        (prompt + thinking)."""
         if part == "full":
             return [p + t + a for p, t, a in zip(self.prompt_ids, self.thinking_ids, self.answer_ids)]
         if part == "answer":
@@ -83,7 +85,10 @@ class SplitCompletions:
     def select(self, rows: list[int]) -> SplitCompletions:
         """The given rows only, in the given order."""
         return SplitCompletions(
-            [self.prompt_ids[i] for i in rows], [self.thinking_ids[i] for i in rows], [self.answer_ids[i] for i in rows], self.unclosed_think[rows]
+            [self.prompt_ids[i] for i in rows],
+            [self.thinking_ids[i] for i in rows],
+            [self.answer_ids[i] for i in rows],
+            self.unclosed_think[rows],
         )
 
 
@@ -102,22 +107,54 @@ def split_rows(sequences: list[list[int]], prompt_lengths: list[int], think: Thi
 # ------------------------------------------------------------------------------------------- quality
 
 
-REFLECTION_PHRASES = ("wait", "hmm", "let me check", "let me verify", "double-check", "double check", "alternatively", "is that right", "make sure")
+REFLECTION_PHRASES = (
+    "wait",
+    "hmm",
+    "let me check",
+    "let me verify",
+    "double-check",
+    "double check",
+    "alternatively",
+    "is that right",
+    "make sure",
+)
 
 
 @dataclass
 class ThinkingWeights:
     """Weights and scales of `thinking_quality`; the defaults sum to 1, so quality lies in [0, 1]."""
 
-    depth: float = field(default=0.25, metadata={"help": "Weight of depth: thinking length, saturating at depth_tokens."})
-    steps: float = field(default=0.25, metadata={"help": "Weight of steps: non-empty lines, saturating at target_steps."})
-    reflection: float = field(default=0.2, metadata={"help": "Weight of self-questioning: '?' tokens and reflection phrases, saturating at target_reflections."})
-    reward: float = field(default=0.3, metadata={"help": "Weight of the reward model's view: sigmoid(reward(prompt + thinking) / reward_temperature)."})
+    depth: float = field(
+        default=0.25, metadata={"help": "Weight of depth: thinking length, saturating at depth_tokens."}
+    )
+    steps: float = field(
+        default=0.25, metadata={"help": "Weight of steps: non-empty lines, saturating at target_steps."}
+    )
+    reflection: float = field(
+        default=0.2,
+        metadata={
+            "help": "Weight of self-questioning: '?' tokens and reflection phrases, saturating at target_reflections."
+        },
+    )
+    reward: float = field(
+        default=0.3,
+        metadata={
+            "help": "Weight of the reward model's view: sigmoid(reward(prompt + thinking) / reward_temperature)."
+        },
+    )
     depth_tokens: int = field(default=512, metadata={"help": "Content tokens at which depth reaches 1."})
     target_steps: int = field(default=8, metadata={"help": "Lines at which steps reaches 1."})
-    target_reflections: int = field(default=3, metadata={"help": "Questions + reflection phrases at which reflection reaches 1."})
+    target_reflections: int = field(
+        default=3, metadata={"help": "Questions + reflection phrases at which reflection reaches 1."}
+    )
     reward_temperature: float = field(default=1.0, metadata={"help": "Scale of the reward before the sigmoid."})
-    phrases: tuple[str, ...] = field(default=REFLECTION_PHRASES, metadata={"help": "Reflection phrases, matched as token-id sequences (lower/capitalised, with and without a leading space)."})
+    phrases: tuple[str, ...] = field(
+        default=REFLECTION_PHRASES,
+        metadata={
+            "help": "Reflection phrases, matched as token-id sequences (lower/capitalised, with and without a "
+            "leading space)."
+        },
+    )
 
 
 class ThinkingVocab:

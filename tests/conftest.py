@@ -1,8 +1,18 @@
-"""Shared fixtures: tiny random models built from a config, the SmolLM2 tokenizer, a BOS-adding tokenizer."""
+"""Shared test helpers: tiny random models built from a config, the SmolLM2 and a BOS-adding tokenizer, pair data,
+and one way to run train.py (in process, or as a real process for crash tests).
+
+Layout: tests/unit (one module's behaviour), tests/parity (against TRL 1.16 as the oracle), tests/integration
+(the command-line scripts end to end), tests/realdata (../shared data and the real SmolLM2). Each folder's tests
+carry the marker of the same name; `slow` marks real-model and multi-process tests (still run in CI).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,6 +24,14 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
+FOLDER_MARKERS = ("unit", "parity", "integration", "realdata")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        folder = Path(str(item.fspath)).parent.name
+        if folder in FOLDER_MARKERS:
+            item.add_marker(getattr(pytest.mark, folder))
 
 
 def shared_path(*parts: str) -> Path:
@@ -24,12 +42,15 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------------------ tokenizers
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer (pad == eos == <|im_end|> = 2, no BOS on text, ChatML template)."""
     from transformers import AutoTokenizer
 
-    from rmtorch.modeling import smollm2_gguf_path
+    from rmtorch.model import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -38,20 +59,32 @@ def smol_tokenizer():
     return tokenizer
 
 
+WORDS = (
+    "what color is the sky ? blue green red the is a an of to and in it you I how many are 1 2 3 4 5 6 7 8 9 0 + - "
+    "= . , ! "
+    "hello world yes no answer question good bad think"
+).split()
+
+
 def make_bos_tokenizer():
-    """A word-level tokenizer that adds BOS <s> to every text, with a distinct pad and a chat template (TRL spec §8)."""
+    """A word-level tokenizer that adds BOS <s> to every text, with a distinct pad and a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = "what color is the sky ? blue green red the is a an of to and in it you I how many are 1 2 3 4 5 6 7 8 9 0 + - = . , ! hello world yes no answer question good bad think".split()
     specials = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words)))}
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|system|>"]})
-    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }}{% endfor %}"
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }}{% endfor %}"
+    )
     return tokenizer
 
 
@@ -60,18 +93,26 @@ def bos_tokenizer():
     return make_bos_tokenizer()
 
 
+# ------------------------------------------------------------------------------------------------------ models
+
+
 def tiny_llama(vocab_size: int, seed: int = 0, pad_token_id: int | None = None, **overrides):
     """2-layer hidden-32 LlamaForSequenceClassification (num_labels=1) with an N(0,1) score head (visible rewards)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_labels=1, pad_token_id=pad_token_id, max_position_embeddings=512, **overrides,
+    model = LlamaForSequenceClassification(
+        LlamaConfig(**tiny_config(vocab_size, pad_token_id), num_labels=1, **overrides)
     )
-    model = LlamaForSequenceClassification(config)
     torch.nn.init.normal_(model.score.weight, std=1.0)
     return model.eval()
+
+
+def tiny_config(vocab_size: int, pad_token_id: int | None) -> dict:
+    return dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=pad_token_id, max_position_embeddings=512,
+    )  # fmt: skip
 
 
 def save_tiny_llama(directory: Path, tokenizer, seed: int = 0, causal: bool = False) -> Path:
@@ -80,14 +121,95 @@ def save_tiny_llama(directory: Path, tokenizer, seed: int = 0, causal: bool = Fa
 
     if causal:
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id, max_position_embeddings=512)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(LlamaConfig(**tiny_config(len(tokenizer), tokenizer.pad_token_id)))
     else:
         model = tiny_llama(len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny Llama reward model with the BOS tokenizer (seed 0), shared by the session: do not modify."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_model"), make_bos_tokenizer())
+
+
+# -------------------------------------------------------------------------------------------------------- data
+
+PAIR_WORDS = "what color is the sky blue green red yes no a an of to and in it".split()
+CATEGORIES = ("colors", "greetings", "answers")
+
+
+def pair_rows(count: int, seed: int = 0, categories: bool = False) -> list[dict]:
+    """Standard-format pairs in the BOS tokenizer's vocabulary, of varied lengths; chosen ends in 'good' and
+    rejected in 'bad' (a preference a tiny model learns). With categories, each row has one of CATEGORIES."""
+    rng = random.Random(seed)
+    pick = lambda n: " ".join(rng.choice(PAIR_WORDS) for _ in range(n))  # noqa: E731
+    rows = []
+    for i in range(count):
+        row = {"prompt": pick(2 + i % 9), "chosen": f" {pick(1 + i % 3)} good", "rejected": f" {pick(1 + i % 2)} bad"}
+        if categories:
+            row["category"] = CATEGORIES[i % 3]
+        rows.append(row)
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------------- train.py
+
+
+def train_argv(model_dir, train_file, output_dir, *extra: str, eval_file=None) -> list[str]:
+    """train.py options for a small fp32 run (2 steps of 2 pairs); options in `extra` override these."""
+    return [
+        "--model", str(model_dir), "--train_file", str(train_file), "--eval_file", str(eval_file or train_file),
+        "--output_dir", str(output_dir), "--bf16", "false", "--batch_size", "2", "--max_steps", "2",
+        "--log_every", "1000", *extra,
+    ]  # fmt: skip
+
+
+def train_in_process(argv: list[str]) -> dict:
+    """train.main(argv), returning its eval results."""
+    import train
+
+    return train.main(argv)
+
+
+def train_records(output_dir: Path) -> list[dict]:
+    """The per-step training lines of a run's metrics.jsonl (evaluation lines left out)."""
+    return [r for r in read_jsonl(Path(output_dir) / "metrics.jsonl") if "loss" in r]
+
+
+def run_script(
+    script: str, argv: list[str], patch: str = "", check: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run a root script (train.py, evaluate.py, ...) in a fresh interpreter, as a user would; `patch` is Python
+    run first (fault injection, for tests only)."""
+    wrapper = (
+        f"import runpy, sys\n{patch}\nsys.argv = [{script!r}, *{argv!r}]\nrunpy.run_path({script!r}, "
+        "run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper], cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator()
 
 
 @pytest.fixture(autouse=True)
@@ -98,3 +220,19 @@ def fresh_accelerator_state():
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def assert_real_png(path: Path) -> Path:
+    """An image of the report size (800 x 500) whose pixels are drawn content, not a flat fill."""
+    import numpy as np
+    from PIL import Image
+
+    from rmtorch.report import DPI, FIGSIZE
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    assert pixels.var() > 0
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
+    return path

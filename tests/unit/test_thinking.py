@@ -1,0 +1,255 @@
+"""rmtorch.thinking: split by the `</think>` token id (real Qwen3 tokenizer, real R1 traces) and thinking quality."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from rmtorch.model import backbone, score_head
+from rmtorch.pairs import tokenize_response
+from rmtorch.score import RewardScorer
+from rmtorch.thinking import (
+    ThinkingVocab,
+    ThinkingWeights,
+    ThinkTokens,
+    resolve_think_tokens,
+    split_completion,
+    thinking_quality,
+)
+from tests.conftest import shared_path, tiny_llama
+
+START, END = 151667, 151668
+THINK = ThinkTokens(start_id=START, end_id=END)
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(shared_path("qwen3_tokenizer"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_model(qwen3_tokenizer):
+    """A 2-layer hidden-32 Qwen3ForSequenceClassification with Qwen3-0.6B's real vocabulary."""
+    from transformers import Qwen3Config, Qwen3ForSequenceClassification
+
+    vocab_size = json.loads(shared_path("qwen3_tokenizer", "qwen3-0.6b-config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_labels=1,
+        pad_token_id=qwen3_tokenizer.pad_token_id,
+        max_position_embeddings=4096,
+    )
+    model = Qwen3ForSequenceClassification(config)
+    torch.nn.init.normal_(model.score.weight, std=1.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def traces():
+    path = shared_path("data", "r1_gsm8k", "r1_distill_qwen32b_gsm8k_labeled.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    closed = [r for r in rows if r["has_think_end"]][:12]
+    unclosed = [r for r in rows if not r["has_think_end"]][:2]
+    return closed, unclosed
+
+
+def completion_text(row) -> str:
+    return "<think>\n" + row["reasoning"] + "\n</think>\n\n" + row["answer"]
+
+
+def reward_alone(model, ids: list[int]) -> float:
+    with torch.no_grad():
+        hidden = backbone(model)(input_ids=torch.tensor([ids])).last_hidden_state
+        return score_head(model)(hidden[0, -1]).item()
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text=text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------- split
+
+
+@pytest.mark.parametrize(
+    "ids, thinking, answer, unclosed",
+    [
+        ([5, 6, 7], [], [5, 6, 7], False),  # no think token: all answer
+        ([START, 5, END, 6, 7], [START, 5, END], [6, 7], False),
+        ([START, 5, END, 8, END, 6], [START, 5, END, 8, END], [6], False),  # the last </think> counts
+        ([START, 5, 6], [], [START, 5, 6], True),  # opened, never closed
+        ([START, 5, END, 6, START, 7], [START, 5, END], [6, START, 7], True),  # reopened after the last close
+        ([END, 6], [END], [6], False),  # a template-opened think block (no <think> in the completion)
+    ],
+)
+def test_split_completion_at_the_last_think_end(ids, thinking, answer, unclosed):
+    assert split_completion(ids, THINK) == (thinking, answer, unclosed)
+
+
+def test_split_without_a_think_token_keeps_everything_as_answer():
+    assert split_completion([START, 5, END, 6], ThinkTokens(None, None)) == ([], [START, 5, END, 6], False)
+
+
+def test_think_ids_come_from_the_tokenizer(qwen3_tokenizer, smol_tokenizer):
+    assert resolve_think_tokens(qwen3_tokenizer) == ThinkTokens(START, END)
+    assert resolve_think_tokens(smol_tokenizer) == ThinkTokens(None, None)  # not in SmolLM2's vocabulary
+    assert resolve_think_tokens(qwen3_tokenizer, "<think>", 42) == ThinkTokens(START, 42)
+
+
+def test_real_traces_split_into_their_reasoning_and_answer_spans(qwen3_tokenizer, qwen3_model, traces):
+    closed, _ = traces
+    prompts = [row["question"] + "\n" for row in closed]
+    completions = [completion_text(row) for row in closed]
+    split = RewardScorer(qwen3_model, qwen3_tokenizer).split(prompts, completions)
+    for row, prompt, prompt_ids, thinking_ids, answer_ids in zip(
+        closed, prompts, split.prompt_ids, split.thinking_ids, split.answer_ids
+    ):
+        assert prompt_ids == encode(qwen3_tokenizer, prompt)
+        assert thinking_ids == [START] + encode(qwen3_tokenizer, "\n" + row["reasoning"] + "\n") + [END]
+        assert answer_ids == encode(qwen3_tokenizer, "\n\n" + row["answer"]) + [qwen3_tokenizer.eos_token_id]
+    assert not split.unclosed_think.any()
+
+
+def test_real_conversations_split_into_their_reasoning_and_answer_spans(qwen3_tokenizer, qwen3_model, traces):
+    closed, _ = traces
+    prompts = [[{"role": "user", "content": row["question"]}] for row in closed]
+    completions = [[{"role": "assistant", "content": completion_text(row)}] for row in closed]
+    split = RewardScorer(qwen3_model, qwen3_tokenizer).split(prompts, completions)
+    for row, thinking_ids, answer_ids in zip(closed, split.thinking_ids, split.answer_ids):
+        # Qwen3's template strips the newlines around the reasoning and re-adds one on each side.
+        assert thinking_ids == [START] + encode(qwen3_tokenizer, "\n" + row["reasoning"].strip("\n") + "\n") + [END]
+        assert answer_ids == encode(qwen3_tokenizer, "\n\n" + row["answer"].lstrip("\n") + "<|im_end|>\n")
+    assert not split.unclosed_think.any()
+
+
+def test_unclosed_real_traces_are_flagged(qwen3_tokenizer, qwen3_model, traces):
+    closed, unclosed = traces
+    prompts = [row["question"] for row in unclosed + closed[:1]]
+    completions = ["<think>\n" + row["reasoning"] for row in unclosed] + [completion_text(closed[0])]
+    details = RewardScorer(qwen3_model, qwen3_tokenizer)(prompts, completions, part="answer", return_details=True)
+    assert details.unclosed_think.tolist() == [True] * len(unclosed) + [False]
+
+
+def test_think_end_in_the_prompt_does_not_move_the_split(qwen3_tokenizer, qwen3_model):
+    prompt = "Reply after a closing tag like </think> please.\n"
+    split = RewardScorer(qwen3_model, qwen3_tokenizer).split(
+        [prompt, prompt], ["<think>ok</think>yes", "no tags here"]
+    )
+    assert split.thinking_ids == [[START] + encode(qwen3_tokenizer, "ok") + [END], []]
+    assert split.answer_ids[1] == encode(qwen3_tokenizer, "no tags here") + [qwen3_tokenizer.eos_token_id]
+
+
+@pytest.mark.parametrize(
+    "batching", [dict(packing=True), dict(packing=False, padding_side="left")], ids=["packed", "padded-left"]
+)
+def test_parts_score_prompt_plus_that_part(qwen3_tokenizer, qwen3_model, traces, batching):
+    closed, _ = traces
+    prompts = [[{"role": "user", "content": row["question"]}] for row in closed[:3]]
+    completions = [[{"role": "assistant", "content": completion_text(row)}] for row in closed[:3]]
+    scorer = RewardScorer(qwen3_model, qwen3_tokenizer, max_tokens_per_batch=2048, **batching)
+    split = scorer.split(prompts, completions)
+    for part in ("full", "answer", "thinking"):
+        expected = torch.tensor([reward_alone(qwen3_model, ids) for ids in split.sequences(part)])
+        torch.testing.assert_close(scorer(prompts, completions, part=part), expected, atol=1e-5, rtol=0)
+    full = [tokenize_response(qwen3_tokenizer, p, c) for p, c in zip(prompts, completions)]
+    assert split.sequences("full") == full
+    assert [p + a for p, a in zip(split.prompt_ids, split.answer_ids)] == split.sequences("answer")
+
+
+def test_without_think_tokens_the_answer_is_the_whole_completion(bos_tokenizer):
+    scorer = RewardScorer(tiny_llama(len(bos_tokenizer), pad_token_id=bos_tokenizer.pad_token_id), bos_tokenizer)
+    prompts, completions = ["what is 2 + 3 ?"] * 2, [" think 5", " 5"]
+    split = scorer.split(prompts, completions)
+    assert split.thinking_ids == [[], []]
+    torch.testing.assert_close(
+        scorer(prompts, completions, part="answer"), scorer(prompts, completions), atol=0, rtol=0
+    )
+
+
+# -------------------------------------------------------------------------------------------- quality
+
+STRUCTURED = (
+    "<think>\nFirst, add 2 and 3.\n\nWait, is that right? Let me check: 2 + 3 = 5.\nHmm, "
+    "wait.\n</think>\n\nThe answer is 5."
+)
+
+
+def test_structure_features_count_on_token_ids(qwen3_tokenizer):
+    vocab = ThinkingVocab(qwen3_tokenizer, THINK)
+    ids = encode(qwen3_tokenizer, STRUCTURED)
+    thinking_ids, _, _ = split_completion(ids, THINK)
+    content, lines, questions, reflections = vocab.features(thinking_ids)
+    body = qwen3_tokenizer.decode(thinking_ids[1:-1])
+    assert lines == len([line for line in body.split("\n") if line.strip()]) == 3
+    assert questions == body.count("?") == 1
+    assert reflections == 5  # "Wait", "is that right", "Let me check", "Hmm", " wait"
+    assert content == len([i for i in thinking_ids[1:-1] if qwen3_tokenizer.decode([i]).strip()])
+
+
+def test_reflection_phrases_match_whole_tokens_only(qwen3_tokenizer):
+    vocab = ThinkingVocab(qwen3_tokenizer, THINK)
+    assert vocab.count_phrases(encode(qwen3_tokenizer, "We waited for the bus.")) == 0
+    assert vocab.count_phrases(encode(qwen3_tokenizer, "We wait. Let me verify that.")) == 2
+
+
+def test_quality_follows_the_documented_formula(qwen3_tokenizer, qwen3_model):
+    weights = ThinkingWeights(depth_tokens=20, target_steps=2, target_reflections=10, reward_temperature=2.0)
+    scorer = RewardScorer(qwen3_model, qwen3_tokenizer)
+    prompts = ["What is 2 + 3?\n"] * 3
+    completions = [STRUCTURED, "<think>I will just guess.</think> 7", "7"]
+    result = thinking_quality(scorer, prompts, completions, weights)
+    thinking_rewards = scorer(prompts[:2], completions[:2], part="thinking")
+    torch.testing.assert_close(result.thinking_reward[:2], thinking_rewards, atol=1e-6, rtol=0)
+    assert math.isnan(result.thinking_reward[2])
+    features = [
+        ThinkingVocab(qwen3_tokenizer, THINK).features(split_completion(encode(qwen3_tokenizer, c), THINK)[0])
+        for c in completions[:2]
+    ]
+    for row, (content, lines, questions, reflections) in enumerate(features):
+        expected = (
+            0.25 * min(1, content / 20)
+            + 0.25 * min(1, lines / 2)
+            + 0.2 * min(1, (questions + reflections) / 10)
+            + 0.3 * torch.sigmoid(thinking_rewards[row] / 2.0).item()
+        )
+        assert result.quality[row].item() == pytest.approx(expected, abs=1e-6)
+    assert result.quality[2].item() == 0.0  # no thinking
+    assert (
+        result.depth[0] > result.depth[1]
+        and result.steps[0] == 1.0
+        and result.reflection[0].item() == pytest.approx(0.6)
+    )
+
+
+def test_quality_weights_are_the_users(qwen3_tokenizer, qwen3_model):
+    scorer = RewardScorer(qwen3_model, qwen3_tokenizer)
+    only_reward = ThinkingWeights(depth=0.0, steps=0.0, reflection=0.0, reward=1.0)
+    result = thinking_quality(scorer, ["Q\n"], [STRUCTURED], only_reward)
+    assert result.quality.item() == pytest.approx(
+        torch.sigmoid(scorer(["Q\n"], [STRUCTURED], part="thinking")).item(), abs=1e-6
+    )
+    only_structure = ThinkingWeights(depth=0.0, steps=1.0, reflection=0.0, reward=0.0, target_steps=6)
+    assert thinking_quality(scorer, ["Q\n"], [STRUCTURED], only_structure).quality.item() == pytest.approx(3 / 6)
+
+
+def test_quality_prefers_worked_real_reasoning_over_a_guess(qwen3_tokenizer, qwen3_model, traces):
+    closed, _ = traces
+    scorer = RewardScorer(qwen3_model, qwen3_tokenizer)
+    structure_only = ThinkingWeights(reward=0.0)
+    prompts = [row["question"] + "\n" for row in closed[:3]] * 2
+    completions = [completion_text(row) for row in closed[:3]] + [
+        "<think>\nI will just guess.\n</think>\n\n" + row["answer"] for row in closed[:3]
+    ]
+    quality = thinking_quality(scorer, prompts, completions, structure_only).quality
+    assert (quality[:3] > quality[3:]).all()

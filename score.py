@@ -21,9 +21,23 @@ from tqdm.auto import tqdm
 from rmtorch.cli import run
 from rmtorch.config import ScoreConfig, parse_config, trained_defaults
 from rmtorch.files import PairDataError, Rows, read_rows
+from rmtorch.outputs import check_output_file
 from rmtorch.score import RewardScorer
 
 DESCRIPTION = "Score a file of completions or preference pairs with a trained reward model."
+
+
+def is_score_output(path: Path) -> bool:
+    """An empty file, or JSONL whose first row carries a reward field: what an earlier score.py run wrote."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        first = handle.readline()
+    if not first.strip():
+        return True
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(row, dict) and any(key in row for key in ("reward", "chosen_reward"))
 
 
 def row_layout(rows: Rows) -> str:
@@ -39,19 +53,33 @@ def row_layout(rows: Rows) -> str:
     )
 
 
+FLAGS = ("truncated", "unclosed_think", "dropped_text")  # ScoreDetails fields a row may carry
+
+
 def score_rows(scorer: RewardScorer, rows: Rows, layout: str, part: str) -> list[dict]:
-    """Each row as the file holds it, plus `reward` (or `chosen_reward`/`rejected_reward`)."""
+    """Each row as the file holds it, plus `reward` (or `chosen_reward`/`rejected_reward`), and `<key>_flags`
+    listing what the scorer flagged (truncated, unclosed_think, dropped_text) when it flagged anything."""
     prompts = [row.get("prompt") for row in rows]
     fields = ["completion"] if layout == "completion" else ["chosen", "rejected"]
     outputs = [dict(original) for original in rows.originals]
     for name in fields:
         try:
-            rewards = scorer(prompts, [row.get(name) for row in rows], part=part).tolist()
+            details = scorer(prompts, [row.get(name) for row in rows], part=part, return_details=True)
         except ValueError as err:  # the scorer names the row within the chunk: name the file's row
             raise PairDataError(f"{rows.source}, field '{name}': {_file_row(str(err), rows)}") from None
+        nonfinite = (~torch.isfinite(details.rewards)).nonzero().flatten().tolist()
+        if nonfinite:
+            raise PairDataError(
+                f"{rows.source}, row {rows.numbers[nonfinite[0]]}, field '{name}': the model gave a non-finite reward "
+                f"({details.rewards[nonfinite[0]].item()}) for {len(nonfinite)} rows of this chunk; nothing was "
+                "written. Check the model's weights, or score with --bf16 false."
+            )
         key = "reward" if layout == "completion" else f"{name}_reward"
-        for out, reward in zip(outputs, rewards):
+        for i, (out, reward) in enumerate(zip(outputs, details.rewards.tolist())):
             out[key] = reward
+            flags = [flag for flag in FLAGS if getattr(details, flag)[i]]
+            if flags:
+                out[f"{key}_flags"] = flags
     return outputs
 
 
@@ -73,12 +101,7 @@ def main(argv: list[str] | None = None) -> Path:
     rows = read_rows(cfg.input)
     layout = row_layout(rows)
     output = Path(cfg.output)
-    if output.resolve() == Path(cfg.input).resolve():
-        raise ValueError(f"--output {output} is the input file; write the scores to a new file.")
-    if output.is_dir():
-        raise IsADirectoryError(
-            f"--output {output} is a directory; give a file name such as {output / 'scored.jsonl'}."
-        )
+    check_output_file(output, "--output", inputs=[cfg.input, cfg.model], ours=is_score_output)
     output.parent.mkdir(parents=True, exist_ok=True)
 
     autocast = torch.bfloat16 if cfg.bf16 else None

@@ -14,6 +14,7 @@ from rmtorch.files import PairDataError
 USER_ERRORS = (
     PairDataError,
     FileNotFoundError,
+    FileExistsError,
     NotADirectoryError,
     IsADirectoryError,
     PermissionError,

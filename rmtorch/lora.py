@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from rmtorch.model import check_safetensors_checkpoint, load_reward_model, score_head
+from rmtorch.outputs import check_output_dir, write_marker
 
 ADAPTER_INFO_FILE = (
     "rmtorch_adapter.json"  # how the base was loaded for training: {"load_in_4bit", "bnb_4bit_compute_dtype"}
@@ -212,9 +216,26 @@ def merge_adapter(
             f"{adapter_dir} has no adapter_config.json: not a LoRA adapter directory (train with --lora)."
         )
     output_dir = Path(output_dir) if output_dir is not None else adapter_dir / "merged"
+    base = adapter_base(adapter_dir)
+    if Path(base).exists() and Path(base).resolve() == output_dir.resolve():
+        raise ValueError(
+            f"--output_dir {output_dir} is the base model the adapter was trained on: merging there would overwrite "
+            "it "
+            "and the adapter would then load on top of merged weights (LoRA applied twice). Choose a new directory."
+        )
+    check_output_dir(output_dir, "merge", "--output_dir", inputs=[adapter_dir, base])
     base_weights = "dequantized" if merge_into == "trained" else "original"
     model, tokenizer = load_adapter_model(adapter_dir, trust_remote_code=trust_remote_code, base_weights=base_weights)
     merged = model.merge_and_unload()
-    merged.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:  # written whole, then moved into place: a failure leaves no half model
+        merged.save_pretrained(tmp_dir, safe_serialization=True)
+        tokenizer.save_pretrained(tmp_dir)
+        write_marker(tmp_dir, "merge", adapter=str(adapter_dir.resolve()), base=base, merge_into=merge_into)
+        if output_dir.exists():  # an earlier merge (check_output_dir allowed it)
+            shutil.rmtree(output_dir)
+        os.replace(tmp_dir, output_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
     return output_dir

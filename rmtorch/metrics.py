@@ -253,6 +253,14 @@ def pair_report(
     """(report, per-pair score lines) of a scored PairSet: the report `build_report` makes (with the pairs'
     margins and, when the set carries it, the category column), and one line per pair with its row in the data
     file, both rewards, its length and category. `options` go to build_report (n_bins, n_length_buckets)."""
+    bad = (~torch.isfinite(chosen) | ~torch.isfinite(rejected)).nonzero().flatten().tolist()
+    if bad:
+        rows = [pairs["row"][i] for i in bad[:10]]
+        raise ValueError(
+            f"{pairs.source}, rows {rows}: the model gave non-finite rewards (NaN or inf) for {len(bad)} pairs, so "
+            "the report would mean nothing. Check the model's weights (did training diverge?) or evaluate with "
+            "--bf16 false."
+        )
     categories = pairs[category_column] if category_column in pairs.column_names else None
     margins = pairs["margin"] if "margin" in pairs.column_names else None
     lengths = pairs.lengths()

@@ -303,6 +303,11 @@ def chat_ids(
     return list(encoded["input_ids"])
 
 
+def chat_text(tokenizer, messages: list[dict]) -> str:
+    """The text a chat template renders for a conversation (what `chat_ids` tokenizes)."""
+    return tokenizer.apply_chat_template(_template_messages(messages), tokenize=False)
+
+
 def tokenize_response(tokenizer, prompt, response) -> list[int]:
     """Token ids of prompt + response, formatted exactly as training formats them (TRL's rules).
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from rmtorch.files import write_json, write_jsonl
+from rmtorch.outputs import write_marker
 
 REPORT_FILES = {
     "metrics": "metrics.json",
@@ -212,9 +215,27 @@ def plot_accuracy_by(groups: list[dict], title: str, xlabel: str, out_path: str 
 
 def write_report(report: dict, scores: list[dict], report_dir: str | Path) -> dict[str, Path]:
     """Write metrics.json (the report), scores.jsonl (one line a pair: its row in the data file, rewards, length,
-    category) and the PNG plots; return their paths. Each file is written whole or not at all."""
+    category) and the PNG plots; return their paths. The files are made in a temporary directory and moved in
+    when all are complete, so a failure leaves the directory as it was."""
     report_dir = Path(report_dir)
-    report_dir.mkdir(parents=True, exist_ok=True)
+    report_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.", dir=report_dir.parent))
+    try:
+        written = _write_report_files(report, scores, tmp_dir)
+        write_marker(tmp_dir, "evaluate")
+        if not report_dir.exists():
+            os.replace(tmp_dir, report_dir)
+        else:  # an earlier report (or a run's report/ with its training curves): replace the report's files only
+            for filename in REPORT_FILES.values():
+                (report_dir / filename).unlink(missing_ok=True)
+            for file in tmp_dir.iterdir():
+                os.replace(file, report_dir / file.name)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return {name: report_dir / path.name for name, path in written.items()}
+
+
+def _write_report_files(report: dict, scores: list[dict], report_dir: Path) -> dict[str, Path]:
     paths = {name: report_dir / filename for name, filename in REPORT_FILES.items()}
     write_json(paths["metrics"], report)
     write_jsonl(paths["scores"], scores)

@@ -17,6 +17,11 @@ Truncation: a row longer than `max_length` (default: the model's max_position_em
 are cut from the left (after a leading BOS the tokenizer adds, which is kept). Such rows are counted in a logged
 warning and flagged in `ScoreDetails.truncated`.
 
+Text the chat template leaves out: some templates render only part of an assistant message (Qwen3's keeps
+the text before the first and after the last `</think>`, so text between two `</think>` is never scored). A
+policy could hide text from the reward model that way. Such rows are flagged in `ScoreDetails.dropped_text`
+and logged; `dropped_text="error"` refuses them instead. RL code should refuse or penalise flagged rows.
+
 Empty completions are scored, not refused: RL policies do emit them, and training's format for an empty
 response is defined (standard text: prompt + EOS; conversations: an empty assistant turn).
 
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from rmtorch.model import RewardModel, compute_rewards, load_reward_model
-from rmtorch.pairs import adds_bos, common_prefix_length, keep_end, prompt_ids, tokenize_response
+from rmtorch.pairs import adds_bos, chat_text, common_prefix_length, keep_end, prompt_ids, tokenize_response
 from rmtorch.thinking import SplitCompletions, resolve_think_tokens, split_rows
 
 logger = logging.getLogger(__name__)
@@ -46,6 +51,7 @@ class ScoreDetails:
     num_tokens: torch.Tensor  # int64, tokens scored (after truncation)
     truncated: torch.Tensor  # bool, longer than max_length: the start was cut
     unclosed_think: torch.Tensor  # bool, a <think> with no </think> after it
+    dropped_text: torch.Tensor  # bool, the chat template left text of the completion out of the scored ids
 
 
 class RewardScorer:
@@ -67,7 +73,10 @@ class RewardScorer:
         autocast_dtype: torch.dtype | None = None,
         think_start_token: str | int | None = "<think>",
         think_end_token: str | int | None = "</think>",
+        dropped_text: str = "flag",
     ):
+        if dropped_text not in ("flag", "error"):
+            raise ValueError(f"dropped_text must be 'flag' or 'error', got {dropped_text!r}.")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         if max_tokens_per_batch < 1:
@@ -85,7 +94,9 @@ class RewardScorer:
         # The pad id only fills masked positions (pooling and positions follow the mask), so any valid id works.
         self.pad_token_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.think = resolve_think_tokens(tokenizer, think_start_token, think_end_token)
+        self.think_end_token = think_end_token
         self.keep_first = adds_bos(tokenizer)
+        self.dropped_text = dropped_text
 
     @classmethod
     def from_pretrained(
@@ -151,15 +162,39 @@ class RewardScorer:
         """
         self._check_inputs(prompts, completions)
         prompt_cache: dict[str, list[int]] = {}  # GRPO repeats each prompt num_generations times
-        sequences, prompt_lengths = [], []
-        for prompt, completion in zip(prompts, completions):
-            ids = tokenize_response(self.tokenizer, prompt, completion)
-            key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
-            if key not in prompt_cache:
-                prompt_cache[key] = prompt_ids(self.tokenizer, prompt)
+        sequences, prompt_lengths, dropped = [], [], []
+        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+            try:
+                ids = tokenize_response(self.tokenizer, prompt, completion)
+                key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
+                if key not in prompt_cache:
+                    prompt_cache[key] = prompt_ids(self.tokenizer, prompt)
+                dropped.append(not isinstance(completion, str) and self._template_drops_text(prompt, completion))
+            except Exception as err:  # a chat template's own error (jinja): name the row
+                raise ValueError(
+                    f"Row {row}: the chat template failed on this row ({type(err).__name__}: {err})."
+                ) from None
             sequences.append(ids)
             prompt_lengths.append(min(common_prefix_length(prompt_cache[key], ids), len(ids) - 1))
-        return split_rows(sequences, prompt_lengths, self.think)
+        split = split_rows(sequences, prompt_lengths, self.think)
+        split.dropped_text = torch.tensor(dropped, dtype=torch.bool)
+        if split.dropped_text.any():
+            rows = split.dropped_text.nonzero().flatten().tolist()
+            message = (
+                f"Rows {rows[:10]}: the chat template leaves text of the completion out of what is scored (e.g. text "
+                "between two </think>); a policy could hide text from the reward model this way."
+            )
+            if self.dropped_text == "error":
+                raise ValueError(message + " Fix the completions, or score with dropped_text='flag'.")
+            logger.warning(message + " Flagged in ScoreDetails.dropped_text.")
+        return split
+
+    def _template_drops_text(self, prompt, completion: list[dict]) -> bool:
+        """Whether the rendered conversation lacks non-whitespace text of the completion's messages."""
+        rendered = "".join(chat_text(self.tokenizer, list(prompt or []) + list(completion)).split())
+        return any(
+            isinstance(m.get("content"), str) and "".join(m["content"].split()) not in rendered for m in completion
+        )
 
     # -------------------------------------------------------------------------------------- scoring
 
@@ -177,6 +212,12 @@ class RewardScorer:
 
     def score_split(self, split: SplitCompletions, part: str = "full") -> ScoreDetails:
         """Score `part` of already split rows (see `split`), truncating rows longer than max_length."""
+        if part != "full" and self.think.end_id is None:
+            raise ValueError(
+                f"part={part!r} splits completions at the reasoning end token, but this tokenizer has no "
+                f"{self.think_end_token!r} token. Score part='full', or pass think_end_token= (the token or its id) "
+                "for this model's reasoning end."
+            )
         sequences = split.sequences(part)
         prompt_lengths = [len(ids) for ids in split.prompt_ids]
         truncated = torch.tensor(
@@ -192,8 +233,14 @@ class RewardScorer:
                 sequences[row] = keep_end(sequences[row], self.max_length, keep_first)
                 prompt_lengths[row] = 0  # its prompt was cut: nothing to share
         rewards = self.score_ids(sequences, prompt_lengths)
+        nonfinite = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if nonfinite:  # TRL's GRPO treats NaN as a missing reward; say so rather than let it pass unseen
+            logger.warning("Rows %s got a non-finite reward from the model (NaN or inf).", nonfinite[:10])
         num_tokens = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)
-        return ScoreDetails(rewards, num_tokens, truncated, split.unclosed_think)
+        dropped = (
+            split.dropped_text if split.dropped_text is not None else torch.zeros(len(sequences), dtype=torch.bool)
+        )
+        return ScoreDetails(rewards, num_tokens, truncated, split.unclosed_think, dropped)
 
     def __call__(self, prompts, completions, *, part: str = "full", return_details: bool = False):
         """Rewards of N (prompt, completion) rows, (N,) fp32 in input order.
@@ -201,7 +248,7 @@ class RewardScorer:
         prompts/completions: lists of strings, or of message lists (as TRL's GRPO passes conversations).
         part: "full" (prompt + completion), "answer" (prompt + the tokens after the last `</think>`),
         "thinking" (prompt + the tokens up to and including it); see `rmtorch.thinking`.
-        return_details: return `ScoreDetails` (rewards, num_tokens, truncated, unclosed_think) instead.
+        return_details: return `ScoreDetails` (rewards, num_tokens, truncated, unclosed_think, dropped_text).
         """
         details = self.score_split(self.split(prompts, completions), part)
         return details if return_details else details.rewards

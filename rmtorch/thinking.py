@@ -70,6 +70,7 @@ class SplitCompletions:
     thinking_ids: list[list[int]]
     answer_ids: list[list[int]]
     unclosed_think: torch.Tensor  # (N,) bool
+    dropped_text: torch.Tensor | None = None  # (N,) bool: the chat template left out text of the completion
 
     def sequences(self, part: str) -> list[list[int]]:
         """The id lists the reward model scores for `part`: full, answer (prompt + answer) or thinking
@@ -89,6 +90,7 @@ class SplitCompletions:
             [self.thinking_ids[i] for i in rows],
             [self.answer_ids[i] for i in rows],
             self.unclosed_think[rows],
+            None if self.dropped_text is None else self.dropped_text[rows],
         )
 
 
@@ -128,12 +130,13 @@ class ThinkingWeights:
         default=0.25, metadata={"help": "Weight of depth: thinking length, saturating at depth_tokens."}
     )
     steps: float = field(
-        default=0.25, metadata={"help": "Weight of steps: non-empty lines, saturating at target_steps."}
+        default=0.25, metadata={"help": "Weight of steps: lines of two or more words, saturating at target_steps."}
     )
     reflection: float = field(
         default=0.2,
         metadata={
-            "help": "Weight of self-questioning: '?' tokens and reflection phrases, saturating at target_reflections."
+            "help": "Weight of self-questioning: steps asking a question and reflection phrases, saturating at "
+            "target_reflections."
         },
     )
     reward: float = field(
@@ -175,27 +178,30 @@ class ThinkingVocab:
             self._texts[token_id] = self.tokenizer.decode([token_id])
         return self._texts[token_id]
 
-    def features(self, thinking_ids: list[int]) -> tuple[int, int, int, int]:
-        """(content_tokens, lines, questions, reflections) of one thinking span.
+    def features(self, thinking_ids: list[int], min_step_words: int = 2) -> tuple[int, int, int, int]:
+        """(content_tokens, steps, questions, reflections) of one thinking span.
 
-        content_tokens: tokens that are neither whitespace nor think markers; lines: runs of content ended by a
-        newline-bearing token (or the end); questions: tokens containing '?'; reflections: phrase occurrences.
+        content_tokens: word tokens (holding a letter or a digit; whitespace, punctuation and think markers do not
+        count); steps: lines with at least `min_step_words` word tokens; questions: steps holding a '?' (one per
+        step); reflections: phrase occurrences. Lines of punctuation ("?\n" x 8) count for nothing, so structure
+        cannot be faked without words.
         """
-        content = lines = questions = 0
-        in_line = False
-        for token_id in thinking_ids:
+        content = steps = questions = 0
+        line_words, line_question = 0, False
+        for token_id in [*thinking_ids, None]:  # None ends the last line
+            text = "\n" if token_id is None else self.text(token_id)
             if token_id in self.marker_ids:
                 continue
-            text = self.text(token_id)
-            if text.strip():
-                content += 1
-                in_line = True
-            questions += "?" in text
-            if "\n" in text and in_line:
-                lines += 1
-                in_line = False
-        lines += in_line
-        return content, lines, questions, self.count_phrases(thinking_ids)
+            words = any(c.isalnum() for c in text)
+            content += words
+            line_words += words
+            line_question = line_question or "?" in text
+            if "\n" in text:
+                if line_words >= min_step_words:
+                    steps += 1
+                    questions += line_question
+                line_words, line_question = 0, False
+        return content, steps, questions, self.count_phrases(thinking_ids)
 
     def count_phrases(self, ids: list[int]) -> int:
         count = 0
@@ -221,11 +227,12 @@ class ThinkingQuality:
 def thinking_quality(scorer, prompts, completions, weights: ThinkingWeights | None = None) -> ThinkingQuality:
     """Score how well each completion thinks, on the ids the reward model sees.
 
-    With content = thinking tokens that are not whitespace or think markers, lines = non-empty lines,
-    reflections = '?' tokens + reflection-phrase occurrences (all counted on token ids):
+    With content = word tokens of the thinking (holding a letter or digit), steps = lines of at least two word
+    tokens, reflections = steps that ask a question + reflection-phrase occurrences (all counted on token ids,
+    see `ThinkingVocab.features`):
 
         depth      = min(1, content / depth_tokens)
-        steps      = min(1, lines / target_steps)
+        steps      = min(1, steps / target_steps)
         reflection = min(1, reflections / target_reflections)
         judged     = sigmoid(reward(prompt + thinking) / reward_temperature)
         quality    = w_depth * depth + w_steps * steps + w_reflection * reflection + w_reward * judged
@@ -237,7 +244,7 @@ def thinking_quality(scorer, prompts, completions, weights: ThinkingWeights | No
     split = scorer.split(prompts, completions)
     vocab = ThinkingVocab(scorer.tokenizer, scorer.think, weights.phrases)
     counts = torch.tensor([vocab.features(ids) for ids in split.thinking_ids], dtype=torch.float32).reshape(-1, 4)
-    content, lines, questions, reflections = counts.unbind(-1)
+    content, step_lines, questions, reflections = counts.unbind(-1)
     has_thinking = content > 0
     thinking_reward = torch.full((len(content),), float("nan"))
     rows = has_thinking.nonzero().flatten().tolist()
@@ -245,7 +252,7 @@ def thinking_quality(scorer, prompts, completions, weights: ThinkingWeights | No
         thinking_reward[rows] = scorer.score_split(split.select(rows), "thinking").rewards
     judged = torch.where(has_thinking, torch.sigmoid(thinking_reward / weights.reward_temperature), torch.zeros(()))
     depth = (content / weights.depth_tokens).clamp(max=1.0)
-    steps = (lines / weights.target_steps).clamp(max=1.0)
+    steps = (step_lines / weights.target_steps).clamp(max=1.0)
     reflection = ((questions + reflections) / weights.target_reflections).clamp(max=1.0)
     quality = weights.depth * depth + weights.steps * steps + weights.reflection * reflection + weights.reward * judged
     return ThinkingQuality(quality, depth, steps, reflection, judged, thinking_reward, split.unclosed_think)

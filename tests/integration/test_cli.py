@@ -96,7 +96,7 @@ ERROR_CASES = {
     "score: output is the input": (
         "score.py",
         ["--model", "{model}", "--input", "{good}", "--output", "{good}"],
-        r"error: --output {good} is the input file",
+        r"error: --output {good} is also an input of this command",
     ),
     "merge: not an adapter": (
         "merge_lora.py",

@@ -115,3 +115,22 @@ def test_smollm2_fused_equals_one_by_one():
         reward_alone(scorer.model, tokenize_response(scorer.tokenizer, p, c)) for p, c in zip(prompts, completions)
     ]
     torch.testing.assert_close(scorer(prompts, completions), torch.tensor(expected), atol=1e-4, rtol=0)
+
+
+def test_keep_end_on_real_pairs_never_cuts_a_response_token(smol_tokenizer):
+    """dpo_en_demo at 512 tokens: every truncated pair keeps each response token its full tokenization has (the
+    common-prefix rule once cut 4 and 9 response tokens from two pairs whose responses begin alike)."""
+    from rmtorch.files import read_rows
+    from rmtorch.pairs import tokenize_pairs
+
+    rows = read_rows(shared_path("data", "llamafactory", "dpo_en_demo.json"))
+    full = tokenize_pairs(rows, smol_tokenizer)
+    cut = tokenize_pairs(rows, smol_tokenizer, max_length=512, truncation="keep_end")
+    by_row = {row: i for i, row in enumerate(full["row"])}
+    assert cut.report.truncated > 50
+    for i, row in enumerate(cut["row"]):
+        whole = full[by_row[row]]
+        for side in ("chosen_ids", "rejected_ids"):
+            response = whole[side][whole["prompt_length"] :]
+            assert cut[i][side][len(cut[i][side]) - len(response) :] == response, (row, side)
+            assert len(cut[i][side]) <= 512

@@ -167,14 +167,32 @@ def test_parts_score_prompt_plus_that_part(qwen3_tokenizer, qwen3_model, traces,
     assert [p + a for p, a in zip(split.prompt_ids, split.answer_ids)] == split.sequences("answer")
 
 
-def test_without_think_tokens_the_answer_is_the_whole_completion(bos_tokenizer):
+def test_a_thinking_split_the_tokenizer_cannot_make_is_an_error(bos_tokenizer):
+    """The BOS test tokenizer (like SmolLM2's) has no </think> token: part="answer" would silently score the whole
+    completion, so it is refused with what to do."""
     scorer = RewardScorer(tiny_llama(len(bos_tokenizer), pad_token_id=bos_tokenizer.pad_token_id), bos_tokenizer)
     prompts, completions = ["what is 2 + 3 ?"] * 2, [" think 5", " 5"]
-    split = scorer.split(prompts, completions)
-    assert split.thinking_ids == [[], []]
-    torch.testing.assert_close(
-        scorer(prompts, completions, part="answer"), scorer(prompts, completions), atol=0, rtol=0
-    )
+    assert scorer.split(prompts, completions).thinking_ids == [[], []]
+    for part in ("answer", "thinking"):
+        with pytest.raises(
+            ValueError,
+            match=rf"part='{part}' splits completions at the reasoning end token, but "
+            r"this tokenizer has no '</think>' token\. Score part='full'",
+        ):
+            scorer(prompts, completions, part=part)
+    assert scorer(prompts, completions).isfinite().all()
+
+
+def test_text_the_chat_template_leaves_out_is_flagged_or_refused(qwen3_tokenizer, qwen3_model):
+    """Qwen3's template renders only the text before the first and after the last </think>: "hidden" is never
+    scored. Flagged by default, refused with dropped_text="error"."""
+    prompts = [[{"role": "user", "content": "2 + 3?"}]] * 2
+    hidden = [{"role": "assistant", "content": "<think>a</think> hidden </think> answer"}]
+    plain = [{"role": "assistant", "content": "<think>add them</think> 5"}]
+    details = RewardScorer(qwen3_model, qwen3_tokenizer)(prompts, [hidden, plain], return_details=True)
+    assert details.dropped_text.tolist() == [True, False]
+    with pytest.raises(ValueError, match=r"Rows \[0\]: the chat template leaves text of the completion out"):
+        RewardScorer(qwen3_model, qwen3_tokenizer, dropped_text="error")(prompts, [hidden, plain])
 
 
 # -------------------------------------------------------------------------------------------- quality
@@ -194,7 +212,20 @@ def test_structure_features_count_on_token_ids(qwen3_tokenizer):
     assert lines == len([line for line in body.split("\n") if line.strip()]) == 3
     assert questions == body.count("?") == 1
     assert reflections == 5  # "Wait", "is that right", "Let me check", "Hmm", " wait"
-    assert content == len([i for i in thinking_ids[1:-1] if qwen3_tokenizer.decode([i]).strip()])
+    words = [i for i in thinking_ids[1:-1] if any(c.isalnum() for c in qwen3_tokenizer.decode([i]))]
+    assert content == len(words) < len([i for i in thinking_ids[1:-1] if qwen3_tokenizer.decode([i]).strip()])
+
+
+def test_punctuation_lines_do_not_fake_structure(qwen3_tokenizer, qwen3_model):
+    """Eight lines of '?' once outscored a real reasoning line (0.754 vs 0.342): they carry no words, so no steps,
+    questions or depth."""
+    vocab = ThinkingVocab(qwen3_tokenizer, THINK)
+    gamed = "<think>\n" + "?\n" * 8 + "</think>\n\n5"
+    real = "<think>\nAdd 2 and 3 to get 5.\n</think>\n\n5"
+    assert vocab.features(split_completion(encode(qwen3_tokenizer, gamed), THINK)[0]) == (0, 0, 0, 0)
+    scorer = RewardScorer(qwen3_model, qwen3_tokenizer)
+    structure = thinking_quality(scorer, ["What is 2 + 3?\n"] * 2, [gamed, real], ThinkingWeights(reward=0.0)).quality
+    assert structure[0] == 0.0 < structure[1]
 
 
 def test_reflection_phrases_match_whole_tokens_only(qwen3_tokenizer):

@@ -27,6 +27,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from rmtorch.files import PairDataError, Rows, write_json, write_jsonl
+from rmtorch.outputs import write_marker
 from rmtorch.pairs import adds_bos, common_prefix_length, prompt_ids, tokenize_response
 from rmtorch.report import FIGSIZE, save_figure
 
@@ -530,7 +531,7 @@ def plot_scores(report: dict, out_path: str | Path) -> Path:
 
 def write_benchmark_report(report: dict, lines: list[dict], report_dir: str | Path) -> dict[str, Path]:
     """Write BENCHMARK.json (the report), BENCHMARK_scores.jsonl (a line per row) and BENCHMARK.png under
-    `report_dir`; return their paths. Each file is written whole or not at all."""
+    `report_dir`, each whole or not at all, and mark the directory as an evaluation report; return the paths."""
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     name = report["benchmark"]
@@ -542,4 +543,5 @@ def write_benchmark_report(report: dict, lines: list[dict], report_dir: str | Pa
     write_json(paths["report"], report)
     write_jsonl(paths["scores"], lines)
     plot_scores(report, paths["plot"])
+    write_marker(report_dir, "evaluate")  # --report may name this directory again
     return paths

@@ -2,6 +2,10 @@
 and category, with a report of files and plots.
 
     python evaluate.py --model OUT --data held_out.jsonl --report report_dir/
+    python evaluate.py --model OUT --data reward-bench.parquet --benchmark rewardbench --report report_dir/
+
+With --benchmark rewardbench (v1) or rewardbench2, --data is a local copy of that benchmark in its published
+schema, scored by the official rules (rmtorch.rewardbench) instead of the pair report.
 
 Shared options (max_length, truncation, packing, bf16, ...) have training's definitions and defaults; for a
 model train.py wrote they default to what it trained with (OUT/config.yaml), so evaluating a run on its own
@@ -12,15 +16,17 @@ eval file reproduces its eval_results.json. Runs on one process or several (`acc
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from accelerate import Accelerator
 
+from rmtorch import rewardbench
 from rmtorch.cli import run, set_cpu_threads
 from rmtorch.config import EvalConfig, parse_config, trained_defaults
 from rmtorch.files import PairDataError, read_rows
 from rmtorch.metrics import format_report, pair_report
-from rmtorch.model import RewardModel, load_reward_model, score_pairs
+from rmtorch.model import RewardModel, compute_rewards, load_reward_model, score_pairs
 from rmtorch.pairs import tokenize_pairs
 from rmtorch.report import write_report
 
@@ -36,6 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     trained = trained_defaults(cfg.model, EvalConfig)
     if trained:  # the run's own options, command line still first
         cfg = parse_config(argv, EvalConfig, base=trained, description=DESCRIPTION)
+    if cfg.benchmark is not None:
+        return evaluate_benchmark(cfg, trained)
     # The data is read and checked before the model loads.
     rows = read_rows(cfg.data, cfg.on_bad_row)
     category_column = cfg.category_column if cfg.category_column in rows.column_names else None
@@ -68,6 +76,37 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(format_report(report))
     if cfg.report and accelerator.is_main_process:
         paths = write_report(report, scores, cfg.report)
+        print(f"report in {cfg.report}: {', '.join(p.name for p in paths.values())}")
+    return report
+
+
+def evaluate_benchmark(cfg: EvalConfig, trained: dict) -> dict:
+    """--benchmark: score a local copy of RewardBench (v1) or RewardBench 2, print its table and write its report
+    under --report when given; returns the report."""
+    # The rows are read and checked before the model loads.
+    prompts, data = rewardbench.read_prompts(read_rows(cfg.data, cfg.on_bad_row), cfg.benchmark, cfg.on_bad_row)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    set_cpu_threads(cfg.cpu_threads, accelerator.device)
+    model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenized = rewardbench.tokenize_prompts(prompts, tokenizer, data, cfg.max_length, cfg.truncation)
+    accelerator.print(f"data {cfg.data}: {data.summary()}")
+    if trained:
+        accelerator.print(
+            f"options from {Path(cfg.model) / 'config.yaml'}: " + ", ".join(f"{k}={v}" for k, v in trained.items())
+        )
+    # Each completion carries the prompt tokens it shares with its siblings: packed, the prompt runs once.
+    rewards = compute_rewards(
+        accelerator.prepare(RewardModel(model)), tokenized.sequences, tokenized.prompt_lengths,
+        pad_token_id=tokenizer.pad_token_id, packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch,
+        accelerator=accelerator, progress=True,
+    )  # fmt: skip
+    report, lines = rewardbench.score_benchmark(
+        cfg.benchmark, tokenized.prompts, tokenized.per_prompt(rewards.tolist())
+    )
+    report["model"], report["data"] = str(cfg.model), asdict(data)
+    accelerator.print(rewardbench.format_table(report))
+    if cfg.report and accelerator.is_main_process:
+        paths = rewardbench.write_benchmark_report(report, lines, cfg.report)
         print(f"report in {cfg.report}: {', '.join(p.name for p in paths.values())}")
     return report
 

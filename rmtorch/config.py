@@ -250,6 +250,13 @@ class EvalConfig(BatchOptions, DataOptions, ModelOptions):
     report: str | None = option(None, "Directory for metrics.json, scores.jsonl and the PNG plots (none: print only).")
     n_bins: int = option(10, "Calibration bins on [0, 1].", check=">0")
     length_buckets: int = option(4, "Quantile buckets of pair length.", check=">0")
+    benchmark: str | None = option(
+        None,
+        "Score --data as a local copy of a benchmark instead of the pair report: 'rewardbench' (v1: prompt, "
+        "chosen, rejected, subset, id) or 'rewardbench2' (v2: chosen and rejected lists, num_correct). --report "
+        "gets BENCHMARK.json, BENCHMARK_scores.jsonl and BENCHMARK.png; --packing true computes each prompt once.",
+        choices=("rewardbench", "rewardbench2"),
+    )
 
 
 @dataclass

@@ -427,3 +427,52 @@ def trained_defaults(model: str | None, cls: type[Options]) -> dict:
         return {}
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: loaded[k] for k in TRAINED_DEFAULTS if isinstance(loaded, dict) and k in loaded and k in names}
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+@dataclass
+class ServeConfig(BatchOptions, LengthOptions, ModelOptions):
+    packing: bool = option(
+        True,
+        "Pack each forward padding-free, rows that share a token prefix (a prompt) computing it once. false: padded "
+        "micro-batches (same rewards, slower).",
+    )
+    host: str = option(
+        "127.0.0.1",
+        "Address to bind. 127.0.0.1 serves this machine only; binding another address without --api_key logs a "
+        "warning.",
+    )
+    port: int = option(8000, "TCP port (0: a free port, printed at start).", check=">=0")
+    max_wait_ms: float = option(
+        2.0,
+        "How long the model worker waits, after the oldest waiting request arrived, for more requests to fill a "
+        "forward of --max_tokens_per_batch tokens.",
+        check=">=0",
+    )
+    max_queue_tokens: int = option(
+        262144, "Tokens allowed to wait for the model; a request beyond gets 503 with Retry-After.", check=">0"
+    )
+    on_long_row: str = option(
+        "keep_end",
+        "Rows longer than --max_length: 'keep_end' scores their last max_length tokens (the scorer's rule; flagged "
+        "as truncated), 'refuse' answers 400.",
+        choices=("keep_end", "refuse"),
+    )
+    normalize: str | None = option(
+        None,
+        "reward_stats.json written by RewardNormalizer.save: rewards are returned normalized with those statistics "
+        "(never updated); /score details keep the raw rewards.",
+    )
+    api_key: str | None = option(
+        None,
+        "Key every endpoint but /health requires as 'Authorization: Bearer KEY' (vLLM's --api-key). Also read from "
+        "RMTORCH_SERVE_API_KEY, which keeps it out of the process list.",
+    )
+    max_body_mb: float = option(32.0, "Largest request body in MB (10^6 bytes); a larger one gets 413.", check=">0")
+    device: str | None = option(None, "cpu, cuda, cuda:1, ... (none: cuda when available). One server per GPU.")
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be in 0..65535, got {self.port}.")

@@ -1,0 +1,57 @@
+"""python -m rmtorch.serve: serve a reward model over HTTP (see rmtorch.serve and docs/serve.md).
+
+    python -m rmtorch.serve --model outputs/reward_model --port 8000 --max_tokens_per_batch 16384
+    python -m rmtorch.serve --help
+
+SIGTERM (or Ctrl-C) stops taking connections, answers the requests in flight, then exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+
+import torch
+import uvicorn
+
+from rmtorch.cli import run, set_cpu_threads
+from rmtorch.config import ServeConfig, parse_config, trained_defaults
+from rmtorch.normalize import RewardNormalizer
+from rmtorch.score import RewardScorer
+from rmtorch.serve.app import build_app, exposure_warning
+
+DESCRIPTION = "Serve a reward model over HTTP for RL clusters: OpenRLHF, verl (vLLM's /classify), RemoteScorer."
+logger = logging.getLogger("rmtorch.serve")
+
+
+def load_config(argv: list[str] | None) -> ServeConfig:
+    cfg = parse_config(argv, ServeConfig, description=DESCRIPTION)
+    # Score the way the model was trained (its run's max_length, bf16, ...), the command line still first. Packing
+    # changes speed, not rewards: the server packs unless told not to.
+    trained = {k: v for k, v in trained_defaults(cfg.model, ServeConfig).items() if k != "packing"}
+    if trained:
+        cfg = parse_config(argv, ServeConfig, base=trained, description=DESCRIPTION)
+    return dataclasses.replace(cfg, api_key=cfg.api_key or os.environ.get("RMTORCH_SERVE_API_KEY"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    normalizer = RewardNormalizer.load(cfg.normalize) if cfg.normalize else None  # checked before the model loads
+    if warning := exposure_warning(cfg.host, cfg.api_key):
+        logger.warning(warning)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_cpu_threads(cfg.cpu_threads, device)
+    scorer = RewardScorer.from_pretrained(
+        cfg.model, device=device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
+        packing=cfg.packing, trust_remote_code=cfg.trust_remote_code,
+        autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+    )  # fmt: skip
+    # timeout_graceful_shutdown=None: on SIGTERM the requests in flight are answered, however long they take.
+    uvicorn.run(build_app(scorer, cfg, normalizer), host=cfg.host, port=cfg.port, timeout_graceful_shutdown=None)
+
+
+if __name__ == "__main__":
+    run(main, sys.argv[1:])

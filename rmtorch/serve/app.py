@@ -1,0 +1,443 @@
+"""The HTTP side of rmtorch.serve: request schemas, routes, errors, the API key and the body limit (FastAPI).
+
+Every scoring route turns its request into token-id rows (in a thread of its own, so the event loop keeps
+answering), hands them to the model worker (`rmtorch.serve.batcher`) and answers when its rows are scored. Full
+texts (`/get_reward`, `/classify`) are scored token for token as sent: tokenized with add_special_tokens=False and
+nothing appended, as OpenRLHF's and vLLM's own servers do, so the client's chat template must be the one the reward
+model was trained with. `/score` formats rows as training did (`RewardScorer.split`).
+
+Every error is a JSON body `{"error": {"type": ..., "message": ...}}` with its status: 400 bad request, 401 API
+key, 413 body or request too large, 499 client gone (never read), 500 the forward of the request's batch raised,
+503 queue full or shutting down (with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import math
+import secrets
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import torch
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rmtorch.config import ServeConfig
+from rmtorch.normalize import RewardNormalizer
+from rmtorch.score import RewardScorer
+from rmtorch.serve.batcher import Batcher, ForwardFailed, Overloaded, RequestTooLarge, Scored
+from rmtorch.serve.metrics import ServeMetrics
+from rmtorch.thinking import PARTS, SplitCompletions, split_rows
+
+router = APIRouter()
+NonEmptyIds = Annotated[list[int], Field(min_length=1)]
+
+
+# ------------------------------------------------------------------------------------------------ requests
+
+
+class ScoreRequest(BaseModel):
+    """rmtorch's own: rows formatted as training formatted them, or token ids as they are."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompts: list[Any] | None = Field(None, description="Strings, message lists or nulls, one per completion.")
+    completions: list[Any] | None = Field(None, min_length=1, description="Strings or message lists.")
+    input_ids: list[NonEmptyIds] | None = Field(None, min_length=1, description="Formatted rows as token ids.")
+    prompt_lengths: list[int] | None = Field(None, description="Prompt tokens of each input_ids row (default 0).")
+    part: Literal[PARTS] = "full"
+    return_details: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind_of_rows(self) -> ScoreRequest:
+        if (self.completions is None) == (self.input_ids is None):
+            raise ValueError("Give either completions (with prompts) or input_ids, one of the two.")
+        if self.prompts is not None and self.completions is None:
+            raise ValueError("prompts go with completions; with input_ids, give prompt_lengths.")
+        if self.prompt_lengths is not None:
+            if self.input_ids is None:
+                raise ValueError("prompt_lengths go with input_ids; with completions, give prompts.")
+            if len(self.prompt_lengths) != len(self.input_ids):
+                raise ValueError(
+                    f"Got {len(self.prompt_lengths)} prompt_lengths for {len(self.input_ids)} input_ids rows; give "
+                    "one per row."
+                )
+        return self
+
+
+class GetRewardRequest(BaseModel):
+    """OpenRLHF's remote reward model request (other fields are ignored, as its own server does)."""
+
+    model_config = ConfigDict(strict=True)
+
+    query: list[str] = Field(min_length=1, description="Full texts: prompt and response, chat template applied.")
+    prompts: list[str | None] | None = Field(None, description="Accepted, not needed: shared prefixes are found.")
+    labels: list[Any] | None = Field(None, description="Accepted and ignored (rule-based rewards use them).")
+
+
+class ClassifyRequest(BaseModel):
+    """vLLM's /classify request as verl's reward loop sends it (other vLLM fields are ignored)."""
+
+    model_config = ConfigDict(strict=True)
+
+    model: str | None = Field(None, description="Accepted, not checked: verl sends the model's path.")
+    input: list[str] = Field(min_length=1, description="A full text, or a list of them.")
+    use_activation: bool | None = Field(None, description="Sigmoid of the reward (vLLM's default); false: the reward.")
+    activation: bool | None = Field(None, description="use_activation's older name in vLLM.")
+    add_special_tokens: bool = Field(False, description="Let the tokenizer add its special tokens (e.g. a BOS).")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_text_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+
+# -------------------------------------------------------------------------------------------------- errors
+
+
+class ApiError(HTTPException):
+    """An error answered as {"error": {"type": kind, "message": ...}}. An HTTPException, so FastAPI passes it
+    unchanged out of its body reading (where the body limit raises it)."""
+
+    def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
+        super().__init__(status_code=status, detail=message, headers=headers)
+        self.kind = kind
+
+
+STATUS_KINDS = {404: "not_found", 405: "method_not_allowed"}  # errors Starlette raises itself
+
+
+def error_response(metrics: ServeMetrics, status: int, kind: str, message: str, headers=None) -> JSONResponse:
+    metrics.errors.labels(kind).inc()
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def describe_validation_error(error: dict) -> str:
+    """A pydantic error as a sentence naming the field, e.g. `query[2]: Input should be a valid string (got 3).`"""
+    if error["type"] == "json_invalid":
+        return f"The request body is not valid JSON: {error['ctx']['error']} at character {error['loc'][-1]}."
+    field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:]).lstrip(".")
+    if error["type"] == "value_error":  # the request models' own checks: already a sentence
+        return str(error["ctx"]["error"])
+    if error["type"] == "missing":
+        return f"{field} is required."
+    got = repr(error["input"])
+    got = got if len(got) <= 80 else got[:77] + "..."
+    return f"{field or 'The request body'}: {error['msg']} (got {got})."
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(request.app.state.serve.metrics, exc.status_code, exc.kind, exc.detail, exc.headers)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = STATUS_KINDS.get(exc.status_code, "http_error")
+    return error_response(request.app.state.serve.metrics, exc.status_code, kind, str(exc.detail), exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    message = describe_validation_error(exc.errors()[0])
+    return error_response(request.app.state.serve.metrics, 400, "invalid_request", message)
+
+
+# ----------------------------------------------------------------------------------- key and body limit
+
+
+class ApiKeyCheck:
+    """ASGI middleware: every path but /health needs `Authorization: Bearer <key>` (compared in constant time)."""
+
+    def __init__(self, app, api_key: str, metrics: ServeMetrics):
+        self.app, self.expected, self.metrics = app, f"Bearer {api_key}".encode(), metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = Headers(scope=scope).get("authorization", "")
+            if not secrets.compare_digest(given.encode(), self.expected):
+                message = (
+                    "Wrong API key." if given else "Missing API key: send the header 'Authorization: Bearer KEY'."
+                )
+                response = error_response(self.metrics, 401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413, by its Content-Length or, sent in chunks, as it arrives."""
+
+    def __init__(self, app, max_bytes: int, metrics: ServeMetrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    def _message(self, size: int) -> str:
+        return (
+            f"The request body has {'more than ' if size <= self.max_bytes else ''}{max(size, self.max_bytes + 1)} "
+            f"bytes; the server takes at most {self.max_bytes} (--max_body_mb). Send fewer rows per request."
+        )
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(self.metrics, 413, "request_too_large", self._message(int(declared)))
+            return await response(scope, receive, send)
+        received = 0
+
+        async def receive_at_most():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise ApiError(413, "request_too_large", self._message(received))
+            return message
+
+        await self.app(scope, receive_at_most, send)
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The warning to log when the server binds beyond this machine without an API key (None: nothing to say)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if loopback or api_key:
+        return None
+    return (
+        f"Serving on {host} without an API key: anyone who can reach this port can use the reward model. Pass "
+        "--api_key (or set RMTORCH_SERVE_API_KEY), or bind 127.0.0.1."
+    )
+
+
+# -------------------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class ServeState:
+    scorer: RewardScorer
+    cfg: ServeConfig
+    normalizer: RewardNormalizer | None
+    metrics: ServeMetrics
+    batcher: Batcher
+    # Tokenizing runs here, one call at a time: a fast tokenizer is not safe to share across threads, and the
+    # event loop stays free to take requests meanwhile.
+    tokenizer_thread: ThreadPoolExecutor
+
+    async def prepare(self, fn, *args):
+        """`fn(*args)` in the tokenizer thread; a ValueError (a bad row) becomes a 400."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.tokenizer_thread, functools.partial(fn, *args)
+            )
+        except ValueError as err:
+            raise ApiError(400, "invalid_request", str(err)) from None
+
+    def normalize(self, rewards: list[float]) -> list[float]:
+        if self.normalizer is None:
+            return rewards
+        return self.normalizer(torch.tensor(rewards), update=False).tolist()
+
+
+def build_app(scorer: RewardScorer, cfg: ServeConfig, normalizer: RewardNormalizer | None = None) -> FastAPI:
+    """The server's FastAPI app around `scorer`; its lifespan starts the model worker and, at shutdown, lets it
+    finish what is queued. Serve it with uvicorn (see rmtorch.serve.__main__)."""
+    metrics = ServeMetrics()
+    batcher = Batcher(
+        scorer, max_wait_s=cfg.max_wait_ms / 1000, max_queue_tokens=cfg.max_queue_tokens, metrics=metrics
+    )
+    metrics.watch_queue(batcher)
+    state = ServeState(scorer, cfg, normalizer, metrics, batcher, ThreadPoolExecutor(1, "rmtorch-serve-tokenizer"))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        # uvicorn has stopped accepting and answered the requests in flight; end the worker after the queue.
+        await asyncio.to_thread(batcher.stop)
+        state.tokenizer_thread.shutdown()
+
+    app = FastAPI(title="rmtorch.serve", lifespan=lifespan)
+    app.state.serve = state
+    app.include_router(router)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * 1e6), metrics=metrics)
+    if cfg.api_key:
+        app.add_middleware(ApiKeyCheck, api_key=cfg.api_key, metrics=metrics)  # added last: checked first
+    return app
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def check_rows(cfg: ServeConfig, max_length: int | None, sequences: list[list[int]], field: str) -> None:
+    """400 for a row with no tokens, and with --on_long_row refuse for one longer than max_length."""
+    for row, ids in enumerate(sequences):
+        if not ids:
+            raise ApiError(400, "invalid_request", f"{field}[{row}] has no tokens: there is nothing to score.")
+        if cfg.on_long_row == "refuse" and max_length is not None and len(ids) > max_length:
+            raise ApiError(
+                400, "invalid_request",
+                f"{field}[{row}] has {len(ids)} tokens, more than --max_length {max_length}. Shorten it, or start the "
+                "server with --on_long_row keep_end to score its last max_length tokens.",
+            )  # fmt: skip
+
+
+async def _client_gone(receive) -> None:
+    """Returns when the client disconnects (the body was read, so receive() has nothing else to report)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def score_sequences(request: Request, sequences: list[list[int]], field: str) -> Scored:
+    """Queue the rows, wait for the worker's answer, and map the worker's failures to HTTP errors."""
+    serve: ServeState = request.app.state.serve
+    check_rows(serve.cfg, serve.scorer.max_length, sequences, field)
+    try:
+        job = serve.batcher.submit(sequences)
+    except RequestTooLarge as err:
+        raise ApiError(413, "request_too_large", str(err)) from None
+    except Overloaded as err:
+        raise ApiError(503, "overloaded", str(err), {"Retry-After": str(err.retry_after)}) from None
+    gone = asyncio.ensure_future(_client_gone(request.receive))
+    try:
+        await asyncio.wait((job.future, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not job.future.done():  # the client left first: free the queue of its rows
+        serve.batcher.cancel(job)
+        job.future.cancel()
+        raise ApiError(499, "client_closed", "The client closed the connection before its rewards were ready.")
+    try:
+        return job.future.result()
+    except ForwardFailed as err:
+        raise ApiError(500, "forward_failed", str(err)) from None
+
+
+def _score_request_split(scorer: RewardScorer, body: ScoreRequest) -> SplitCompletions:
+    if body.input_ids is None:
+        prompts = body.prompts if body.prompts is not None else [None] * len(body.completions)
+        return scorer.split(prompts, body.completions)
+    vocab_size = scorer.model.get_input_embeddings().num_embeddings
+    for row, ids in enumerate(body.input_ids):
+        bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"input_ids[{row}] holds the id {bad}, outside the model's vocabulary 0..{vocab_size - 1}."
+            )
+    prompt_lengths = body.prompt_lengths or [0] * len(body.input_ids)
+    for row, (ids, prompt_length) in enumerate(zip(body.input_ids, prompt_lengths)):
+        if not 0 <= prompt_length < len(ids):
+            raise ValueError(
+                f"prompt_lengths[{row}] is {prompt_length}; it must leave input_ids[{row}] ({len(ids)} ids) at least "
+                "one completion token."
+            )
+    split = split_rows(body.input_ids, prompt_lengths, scorer.think)
+    split.dropped_text = torch.zeros(len(body.input_ids), dtype=torch.bool)  # no chat template: nothing left out
+    return split
+
+
+def _tokenize_texts(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+
+
+@router.post("/score")
+async def score(body: ScoreRequest, request: Request) -> JSONResponse:
+    """rmtorch's own: rewards of prompts + completions formatted as in training, or of token-id rows."""
+    serve: ServeState = request.app.state.serve
+    if body.part != "full" and serve.scorer.think.end_id is None:
+        raise ApiError(
+            400, "invalid_request",
+            f"part={body.part!r} splits completions at the reasoning end token, which this model's tokenizer lacks. "
+            "Score part='full'.",
+        )  # fmt: skip
+    with serve.metrics.request_seconds.labels("/score").time():
+        split = await serve.prepare(_score_request_split, serve.scorer, body)
+        field = "completions" if body.input_ids is None else "input_ids"
+        scored = await score_sequences(request, split.sequences(body.part), field)
+    answer = {"rewards": serve.normalize(scored.rewards), "normalized": serve.normalizer is not None}
+    if body.return_details:
+        answer["details"] = {
+            "raw_rewards": scored.rewards,
+            "num_tokens": scored.num_tokens,
+            "truncated": scored.truncated,
+            "unclosed_think": split.unclosed_think.tolist(),
+            "dropped_text": split.dropped_text.tolist(),
+        }
+    return JSONResponse(answer)
+
+
+@router.post("/get_reward")
+async def get_reward(body: GetRewardRequest, request: Request) -> JSONResponse:
+    """OpenRLHF's remote reward model: {"query": [...]} → {"rewards", "scores", "extra_logs"}."""
+    serve: ServeState = request.app.state.serve
+    with serve.metrics.request_seconds.labels("/get_reward").time():
+        sequences = await serve.prepare(_tokenize_texts, serve.scorer.tokenizer, body.query, False)
+        scored = await score_sequences(request, sequences, "query")
+    rewards = serve.normalize(scored.rewards)
+    extra_logs = {"truncated": [float(t) for t in scored.truncated]}
+    if serve.normalizer is not None:
+        extra_logs["raw_reward"] = scored.rewards
+    return JSONResponse(
+        {"rewards": rewards, "scores": rewards, "extra_logs": extra_logs, "normalized": serve.normalizer is not None}
+    )
+
+
+@router.post("/classify")
+async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
+    """vLLM's classification API: verl reads `data[-1]["probs"][-1]` (with use_activation false: the reward)."""
+    serve: ServeState = request.app.state.serve
+    with serve.metrics.request_seconds.labels("/classify").time():
+        sequences = await serve.prepare(_tokenize_texts, serve.scorer.tokenizer, body.input, body.add_special_tokens)
+        scored = await score_sequences(request, sequences, "input")
+    rewards = serve.normalize(scored.rewards)
+    activation = next((a for a in (body.use_activation, body.activation) if a is not None), True)
+    label = serve.scorer.model.config.id2label.get(0, "LABEL_0")
+    tokens = sum(scored.num_tokens)
+    return JSONResponse(
+        {
+            "id": f"classify-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": serve.cfg.model,
+            "data": [
+                {"index": i, "label": label, "probs": [_sigmoid(r) if activation else r], "num_classes": 1}
+                for i, r in enumerate(rewards)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0,
+                      "prompt_tokens_details": None},
+            "normalized": serve.normalizer is not None,
+        }
+    )  # fmt: skip
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    serve: ServeState = request.app.state.serve
+    return {
+        "status": "ok",
+        "model": serve.cfg.model,
+        "max_length": serve.scorer.max_length,
+        "normalized": serve.normalizer is not None,
+        "queue_tokens": serve.batcher.queued_tokens,
+    }
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    serve: ServeState = request.app.state.serve
+    return Response(serve.metrics.render(), media_type=serve.metrics.content_type)

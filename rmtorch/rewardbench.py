@@ -435,7 +435,7 @@ def score_benchmark(benchmark: str, prompts: Sequence[Prompt], rewards: Sequence
     bad = [p.row for p, values in zip(prompts, rewards) if not all(math.isfinite(v) for v in values)]
     if bad:
         raise ValueError(
-            f"rows {bad[:10]}: the model gave non-finite rewards (NaN or inf) for {len(bad)} rows, so the scores "
+            f"data rows {bad[:10]}: the model gave non-finite rewards (NaN or inf) for {len(bad)} rows, so the scores "
             "would mean nothing. Check the model's weights (did training diverge?) or evaluate with --bf16 false."
         )
     lines = [_score_line(benchmark, p, list(values)) for p, values in zip(prompts, rewards)]

@@ -167,7 +167,9 @@ def test_v2_report_overall_is_the_mean_of_the_six_subsets():
 
 def test_non_finite_rewards_are_an_error_naming_the_rows():
     prompts = prompts_of({"hep-go": 3})
-    with pytest.raises(ValueError, match=r"rows \[1\]: the model gave non-finite rewards \(NaN or inf\) for 1 rows"):
+    with pytest.raises(
+        ValueError, match=r"data rows \[1\]: the model gave non-finite rewards \(NaN or inf\) for 1 rows"
+    ):
         score_benchmark("rewardbench", prompts, [[1.0, 0.0], [math.nan, 0.0], [1.0, 0.0]])
 
 

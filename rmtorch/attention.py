@@ -5,11 +5,12 @@ uses it for good (`use_block_attention`: padded batches still go to SDPA, and a 
 its backward with the same attention); a caller's model gets it only for the duration of a packed forward
 (`packed_attention`) and keeps its own attention for everything else. It runs block by block with SDPA: on CPU a
 dense (L, L) mask over a packed row would cost more than the padding it removes, and CPU has no variable-length
-flash kernel.
+flash kernel. Whether it computes in bf16 or fp32 on a CPU is measured on the machine in hand (`attention_dtype`).
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import torch
@@ -17,17 +18,22 @@ import torch
 BLOCK_ATTENTION = "rmtorch_blocks"  # name registered with transformers' AttentionInterface
 
 
-def prefix_causal_mask(length: int, prefix_length: int, device) -> torch.Tensor:
-    """(1, 1, length, prefix_length + length) bool: every query sees the whole prefix and itself causally."""
+@functools.lru_cache(maxsize=64)
+def prefix_causal_mask(length: int, prefix_length: int, device: torch.device) -> torch.Tensor:
+    """(length, prefix_length + length) bool: every query sees the whole prefix and itself causally.
+
+    Cached: every layer of a forward asks for the same masks."""
     causal = torch.ones((length, length), dtype=torch.bool, device=device).tril()
     prefix = torch.ones((length, prefix_length), dtype=torch.bool, device=device)
-    return torch.cat([prefix, causal], dim=1)[None, None]
+    return torch.cat([prefix, causal], dim=1)
 
 
 def block_attention(module, query, key, value, attention_mask, attention_blocks=None, **kwargs):
     """transformers attention function: SDPA, or block by block for a packed row (`attention_blocks` given).
 
     query (1, H, L, D), key/value (1, H_kv, L, D); returns (1, L, H, D) like every transformers attention function.
+    The row is split into its blocks (one autograd node, not a full-size zero gradient per slice), a response
+    block's keys are its prompt block's keys then its own, and grouped-query heads are shared by SDPA itself.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -35,22 +41,66 @@ def block_attention(module, query, key, value, attention_mask, attention_blocks=
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"A packed batch is one row; got {query.shape[0]} rows with attention_blocks.")
+    sizes = [end - start for start, end, _, _ in attention_blocks]
+    block_of = {(start, end): i for i, (start, end, _, _) in enumerate(attention_blocks)}
+    if [start for start, *_ in attention_blocks] != [sum(sizes[:i]) for i in range(len(sizes))] or sum(
+        sizes
+    ) != query.shape[2]:
+        raise ValueError("attention_blocks must cover the packed row in order, block after block (rmtorch.batching).")
     dtype = query.dtype
-    if query.device.type == "cpu":  # PyTorch's CPU flash kernel is slower in bf16 than in fp32 on short blocks
-        query, key, value = query.float(), key.float(), value.float()
+    compute_dtype = attention_dtype(query.device, dtype, query.shape[1], query.shape[-1])
+    queries, keys, values = (t.to(compute_dtype).split(sizes, dim=2) for t in (query, key, value))
+    dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
     outputs = []
-    with torch.autocast("cpu", enabled=False):  # else CPU autocast casts SDPA's inputs back to bf16
-        for start, end, prefix_start, prefix_end in attention_blocks:
-            block_query = query[:, :, start:end]
-            block_key, block_value = key[:, :, start:end], value[:, :, start:end]
-            mask = None  # causal within the block
+    with torch.autocast(query.device.type, enabled=False):  # else autocast casts SDPA's inputs back to bf16
+        for i, (start, end, prefix_start, prefix_end) in enumerate(attention_blocks):
+            block_key, block_value, mask = keys[i], values[i], None  # no mask: causal within the block
             if prefix_start != prefix_end:
-                block_key = torch.cat([key[:, :, prefix_start:prefix_end], block_key], dim=2)
-                block_value = torch.cat([value[:, :, prefix_start:prefix_end], block_value], dim=2)
+                prompt = block_of[(prefix_start, prefix_end)]  # the prefix is the group's prompt block
+                block_key = torch.cat([keys[prompt], block_key], dim=2)
+                block_value = torch.cat([values[prompt], block_value], dim=2)
                 mask = prefix_causal_mask(end - start, prefix_end - prefix_start, query.device)
-            output, _ = sdpa_attention_forward(module, block_query, block_key, block_value, mask, **kwargs)
-            outputs.append(output)
-    return torch.cat(outputs, dim=1).to(dtype), None
+            outputs.append(
+                torch.nn.functional.scaled_dot_product_attention(
+                    queries[i],
+                    block_key,
+                    block_value,
+                    attn_mask=mask,
+                    dropout_p=dropout,
+                    is_causal=mask is None,
+                    scale=kwargs.get("scaling"),
+                    enable_gqa=query.shape[1] != key.shape[1],
+                )  # fmt: skip
+            )
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous().to(dtype), None
+
+
+@functools.cache
+def attention_dtype(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> torch.dtype:
+    """The dtype packed attention computes in: `dtype`, except that on a CPU where the block loop runs faster in
+    fp32 than in bf16/fp16 (some CPUs lack fast half-precision attention kernels), fp32. Measured once per
+    process and shape, on the machine in hand: the answer differs between CPUs."""
+    if device.type != "cpu" or dtype == torch.float32:
+        return dtype
+    timings = {candidate: _time_block_loop(candidate, heads, head_dim) for candidate in (dtype, torch.float32)}
+    return min(timings, key=timings.get)
+
+
+def _time_block_loop(dtype: torch.dtype, heads: int, head_dim: int, blocks: int = 8, length: int = 128) -> float:
+    """Best of 5: SDPA over `blocks` causal blocks of `length` tokens, forward only, in `dtype`."""
+    import time
+
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (
+        torch.randn(1, heads, blocks * length, head_dim, generator=generator).to(dtype) for _ in range(3)
+    )
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for q, k, v in zip(*(t.split(length, dim=2) for t in (query, key, value))):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _register() -> None:

@@ -52,6 +52,8 @@ def test_two_lora_steps_match_reward_trainer(tmp_path, tiny_model_dir, bos_token
             tiny_model_dir,
             train_file,
             out,
+            "--packing",
+            "false",  # TRL's padded batches, token for token
             "--lora",
             "true",
             "--lora_r",

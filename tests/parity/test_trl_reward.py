@@ -283,6 +283,8 @@ def test_four_step_training_matches_reward_trainer(tmp_path, bos_tokenizer):  # 
             "none",
             "--log_every",
             "1",
+            "--packing",
+            "false",  # TRL's padded batches, token for token
         ]
     )
     ours = load_file(out / "model.safetensors")

@@ -118,9 +118,10 @@ class DataOptions(LengthOptions):
 @dataclass
 class BatchOptions(Options):
     packing: bool = option(
-        False,
-        "Padding-free packed rows, each pair as [prompt, chosen, rejected] with the prompt computed once (block "
-        "attention; equal to the padded path within ~1e-6 in fp32). false: TRL's padded batches.",
+        True,
+        "Padding-free packed rows, rows that share a prompt (a pair, a GRPO group) laid out as [prompt, response, "
+        "...] with the prompt computed once (block attention; equal to the padded path within ~1e-6 in fp32). "
+        "false: TRL's padded batches, token for token.",
     )
     max_tokens_per_batch: int = option(16384, "Tokens per forward pass when evaluating and scoring.", check=">0")
 

@@ -27,6 +27,7 @@ from rmtorch.config import EvalConfig, parse_config, trained_defaults
 from rmtorch.files import PairDataError, read_rows
 from rmtorch.metrics import format_report, pair_report
 from rmtorch.model import RewardModel, compute_rewards, load_reward_model, score_pairs
+from rmtorch.outputs import check_output_dir
 from rmtorch.pairs import tokenize_pairs
 from rmtorch.report import write_report
 
@@ -42,9 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     trained = trained_defaults(cfg.model, EvalConfig)
     if trained:  # the run's own options, command line still first
         cfg = parse_config(argv, EvalConfig, base=trained, description=DESCRIPTION)
+    if cfg.report:  # checked, with the data, before the model loads
+        check_output_dir(cfg.report, "evaluate", "--report", inputs=[cfg.model, cfg.data])
     if cfg.benchmark is not None:
         return evaluate_benchmark(cfg, trained)
-    # The data is read and checked before the model loads.
     rows = read_rows(cfg.data, cfg.on_bad_row)
     category_column = cfg.category_column if cfg.category_column in rows.column_names else None
     if category_column is None and cfg.category_column not in (None, "category"):

@@ -1,6 +1,6 @@
 """Scoring throughput on a GRPO-shaped load: rmtorch.score against the seed's `get_rewards_batch`, in one run.
 
-    python bench/bench_score.py                       # 8 prompts x 8 completions, SmolLM2-135M, fp32, 3 rounds
+    python bench/bench_score.py                       # 8 prompts x 8 completions, SmolLM2-135M, fp32 and bf16
     python bench/bench_score.py --threads 2 --max_completion 512
     pytest bench/ --benchmark-only          # the same through pytest-benchmark (RMTORCH_BENCH_ARGS adds options)
 
@@ -16,8 +16,9 @@ token rmtorch does: the rewards must agree to 1e-3 (checked; fp32 for both).
 Variants: rmtorch's scorer with packing and shared prompts (default), and with sorted padded micro-batches.
 Each round runs every variant once in alternating order; each variant's time is its best round (wall clock;
 CPU time of the process alongside; the recorded ratio uses CPU time, steadier on a shared machine). Tokens/s counts
-the rows' real tokens (the same total for every variant). bf16: rmtorch's rewards under CPU bf16 autocast are
-compared once to fp32.
+the rows' real tokens (the same total for every variant). Each precision in `--precision` is timed on its own:
+in bf16 the seed runs under CPU bf16 autocast and rmtorch with the scorer's bf16 autocast, and every variant's
+largest reward difference from the seed's fp32 rewards is reported, so speed and accuracy are compared fairly.
 
 Writes score_* keys into bench/results/latest.json (read-modify-write: other benches own other keys) and
 prints a table.
@@ -29,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -40,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from benchlib import RESULTS_FILE, run_benchmark, write_results
+from machine import cpu_description, cpu_info, matmul_peak_gflops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -89,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds; each variant keeps its best.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine).")
     parser.add_argument("--seed", type=int, default=0, help="Completion lengths and score-head init.")
-    parser.add_argument("--no_bf16_check", action="store_true", help="Skip comparing bf16-autocast rewards to fp32.")
+    parser.add_argument(
+        "--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+        help="Precisions to time; in each, the seed and rmtorch run in the same precision. fp32 comes first.",
+    )  # fmt: skip
     parser.add_argument("--no_write", action="store_true", help="Print only; leave bench/results/latest.json alone.")
     return parser
 
@@ -123,8 +127,71 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = sum(len(ids) for ids in sequences)
     padded_tokens = len(sequences) * max(len(ids) for ids in sequences)
 
-    variants = {"seed get_rewards_batch": lambda: get_rewards_batch(model, tokenizer, prompts, completions)}
-    variants.update({name: (lambda s=scorer: s(prompts, completions)) for name, scorer in scorers.items()})
+    rows, rewards = {}, {}
+    for precision in args.precision:  # each precision: the seed and rmtorch in the same precision, alternating
+        rows[precision], rewards[precision] = time_variants(
+            args, model, tokenizer, scorers, prompts, completions, precision
+        )
+    seed_name = "seed get_rewards_batch"
+    reference = rewards[args.precision[0]][seed_name]  # fp32 unless only bf16 was asked for
+    deviation = {
+        precision: {name: (values - reference).abs().max().item() for name, values in by_name.items()}
+        for precision, by_name in rewards.items()
+    }  # each variant's largest reward difference from the seed's fp32 rewards
+    if "fp32" in deviation and max(deviation["fp32"].values()) > 1e-3:
+        raise RuntimeError(
+            f"In fp32 rmtorch's rewards differ from the seed's by {deviation['fp32']} (> 1e-3); the timings would "
+            "compare different work."
+        )
+    print(
+        f"\n{len(sequences)} rows ({args.prompts} prompts x {args.generations}), {tokens} tokens ({padded_tokens} "
+        f"padded in one batch), {args.threads} thread(s), best of {args.rounds} rounds\n{cpu_description()}; matmul "
+        f"peak fp32 {matmul_peak_gflops(torch.float32):.1f} GFLOP/s, bf16 {matmul_peak_gflops(torch.bfloat16):.1f}"
+    )
+    print(
+        f"{'variant':24s} {'precision':9s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'x seed (wall)':>14s} "
+        f"{'x seed (cpu)':>13s} {'max |diff| vs fp32 seed':>24s}"
+    )
+    for precision, by_name in rows.items():
+        for name, row in by_name.items():
+            print(
+                f"{name:24s} {precision:9s} {row['wall_s']:8.2f} {row['cpu_s']:8.2f} {row['tokens_per_s']:9.0f} "
+                f"{row['speedup_wall']:14.2f} {row['speedup_cpu']:13.2f} {deviation[precision][name]:24.1e}"
+            )
+    summary = {
+        "score_setup": {**vars(args), "rows": len(sequences), "tokens": tokens, "padded_tokens": padded_tokens},
+        "score_machine": cpu_info(),
+    }
+    for precision, by_name in rows.items():
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        fast, padded = by_name["rmtorch packed+shared"], by_name["rmtorch padded"]
+        # Process CPU time is the headline: on a shared machine the best wall round still carries other load.
+        summary[f"score_speedup_vs_seed{suffix}"] = fast["speedup_cpu"]
+        summary[f"score_speedup_vs_seed_wall{suffix}"] = fast["speedup_wall"]
+        summary[f"score_padded_speedup_vs_seed{suffix}"] = padded["speedup_cpu"]
+        summary[f"score_tokens_per_s{suffix}"] = fast["tokens_per_s"]
+        summary[f"score_seed_tokens_per_s{suffix}"] = by_name[seed_name]["tokens_per_s"]
+        summary[f"score_max_reward_diff{suffix}"] = deviation[precision]["rmtorch packed+shared"]
+        summary[f"score_seed_max_reward_diff{suffix}"] = deviation[precision][seed_name]
+    if not args.no_write:
+        write_results(summary, ("score_",))
+        print(f"written to {RESULTS_FILE}")
+    return summary
+
+
+def time_variants(args, model, tokenizer, scorers: dict, prompts, completions, precision: str) -> tuple[dict, dict]:
+    """(timings, rewards) by variant: the seed's scorer and rmtorch's, all in `precision` (bf16: autocast for the
+    seed, the scorer's own autocast for rmtorch), each the best of args.rounds alternating rounds."""
+    autocast = torch.bfloat16 if precision == "bf16" else None
+
+    def seed():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+            return get_rewards_batch(model, tokenizer, prompts, completions)
+
+    variants = {"seed get_rewards_batch": seed}
+    for name, scorer in scorers.items():
+        scorer.autocast_dtype = autocast
+        variants[name] = lambda s=scorer: s(prompts, completions)
     best = {name: (math.inf, math.inf) for name in variants}
     rewards = {}
     for round_index in range(args.rounds):
@@ -132,75 +199,20 @@ def main(argv: list[str] | None = None) -> dict:
         for name in names:
             rewards[name], wall, cpu = timed(variants[name])
             best[name] = (min(best[name][0], wall), min(best[name][1], cpu))
-            print(f"round {round_index + 1}: {name:24s} {wall:7.2f} s wall {cpu:7.2f} s cpu", flush=True)
-
-    seed_name = "seed get_rewards_batch"
-    max_diff = {name: (rewards[name] - rewards[seed_name]).abs().max().item() for name in scorers}
-    if max(max_diff.values()) > 1e-3:
-        raise RuntimeError(
-            f"rmtorch's rewards differ from the seed's by {max_diff} (> 1e-3); the timings would compare different "
-            "work."
-        )
-    bf16_diff = None
-    if not args.no_bf16_check:
-        bf16_scorer = RewardScorer(
-            model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, autocast_dtype=torch.bfloat16
-        )
-        bf16_rewards = bf16_scorer(prompts, completions)
-        bf16_diff = (bf16_rewards - rewards["rmtorch packed+shared"]).abs().max().item()
-
-    rows = {
+            print(f"{precision} round {round_index + 1}: {name:24s} {wall:7.2f} s wall {cpu:7.2f} s cpu", flush=True)
+    tokens = sum(len(ids) for ids in next(iter(scorers.values())).split(prompts, completions).sequences("full"))
+    seed_wall, seed_cpu = best["seed get_rewards_batch"]
+    timings = {
         name: {
             "wall_s": wall,
             "cpu_s": cpu,
             "tokens_per_s": tokens / wall,
-            "speedup_wall": best[seed_name][0] / wall,
-            "speedup_cpu": best[seed_name][1] / cpu,
-        }
+            "speedup_wall": seed_wall / wall,
+            "speedup_cpu": seed_cpu / cpu,
+        }  # fmt: skip
         for name, (wall, cpu) in best.items()
     }
-    print(
-        f"\n{len(sequences)} rows ({args.prompts} prompts x {args.generations}), {tokens} tokens ({padded_tokens} "
-        "padded in one batch), "
-        f"{platform.processor() or platform.machine()}, {args.threads} thread(s), fp32, best of {args.rounds} rounds"
-    )
-    print(
-        f"{'variant':24s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'x seed (wall)':>14s} {'x seed (cpu)':>13s}"
-    )
-    for name, row in rows.items():
-        print(
-            f"{name:24s} {row['wall_s']:8.2f} {row['cpu_s']:8.2f} {row['tokens_per_s']:9.0f} "
-            f"{row['speedup_wall']:14.2f} {row['speedup_cpu']:13.2f}"
-        )
-    print("max |rmtorch - seed| reward: " + ", ".join(f"{name} {diff:.1e}" for name, diff in max_diff.items()))
-    if bf16_diff is not None:
-        print(
-            f"bf16 autocast vs fp32 (rmtorch): max |diff| {bf16_diff:.1e} -> "
-            f"{'within' if bf16_diff <= 1e-3 else 'outside'} 1e-3, so fp32 is timed"
-        )
-
-    fast, padded = rows["rmtorch packed+shared"], rows["rmtorch padded"]
-    summary = {
-        # Process CPU time is the headline: on a shared machine the best wall round still carries other jobs' load.
-        "score_speedup_vs_seed": fast["speedup_cpu"],
-        "score_speedup_vs_seed_wall": fast["speedup_wall"],
-        "score_padded_speedup_vs_seed": padded["speedup_cpu"],
-        "score_tokens_per_s": fast["tokens_per_s"],
-        "score_seed_tokens_per_s": rows[seed_name]["tokens_per_s"],
-        "score_max_reward_diff": max(max_diff.values()),
-        "score_bf16_max_reward_diff": bf16_diff,
-        "score_setup": {
-            **vars(args),
-            "rows": len(sequences),
-            "tokens": tokens,
-            "padded_tokens": padded_tokens,
-            "precision": "fp32",
-        },
-    }
-    if not args.no_write:
-        write_results(summary, ("score_",))
-        print(f"written to {RESULTS_FILE}")
-    return summary
+    return timings, rewards
 
 
 def test_score_vs_seed(benchmark):

@@ -32,7 +32,6 @@ import copy
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from benchlib import RESULTS_FILE, run_benchmark, write_results
+from machine import cpu_info, matmul_peak_gflops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -52,20 +52,8 @@ FAST_FLAGS = ["--packing", "true", "--group_by_length", "true"]
 VARIANTS = {  # name → rmtorch train.py flags (None: TRL)
     "trl": None,
     "rmtorch": FAST_FLAGS,
-    "rmtorch-padded": [],
+    "rmtorch-padded": ["--packing", "false"],
 }
-
-
-def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` torch.matmul throughput at size x size, in GFLOP/s."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def matmul_params(model) -> int:
@@ -86,6 +74,36 @@ def bench_pairs(tokenizer, num_pairs: int, max_length: int) -> list[dict]:
             "--max_length."
         )
     return tokenized.select(range(num_pairs)).to_list()
+
+
+def pairs_of_length(tokenizer, length: int, num_pairs: int) -> list[dict]:
+    """num_pairs conversational pairs of about `length` tokens each: a user turn made of real dpo_en_demo user
+    texts, cut to fit, and that row's real chosen and rejected answers (at most length // 4 tokens each). Long
+    prompts, as in multi-turn or retrieval data, where attention's share of the work grows."""
+    from rmtorch.files import load_pairs
+    from rmtorch.pairs import tokenize_pairs
+
+    rows = load_pairs(DATA_FILE).to_list()
+    user_texts = [m["content"] for row in rows for m in row["prompt"] if m["role"] == "user"]
+    answer_budget = max(8, length // 4)
+
+    def cut(text: str, tokens: int) -> str:
+        return tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][:tokens])
+
+    pairs = []
+    for i in range(num_pairs):
+        chosen, rejected = (cut(rows[i][side][0]["content"], answer_budget) for side in ("chosen", "rejected"))
+        answer = max(len(tokenizer(chosen)["input_ids"]), len(tokenizer(rejected)["input_ids"]))
+        prompt, j = "", i
+        while len(tokenizer(prompt)["input_ids"]) < length:
+            prompt, j = prompt + user_texts[j % len(user_texts)] + "\n\n", j + 1
+        prompt = cut(prompt, length - answer - 32)  # the chat template adds about 30 tokens
+        pairs.append({
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        })  # fmt: skip
+    return tokenize_pairs(pairs, tokenizer).to_list()
 
 
 def run_trl(model_path: str, pairs: list[dict], args, bf16: bool, workdir: Path, final_loss: bool) -> dict:
@@ -231,7 +249,11 @@ def run_worker(args) -> dict:
 
     variant, precision = args.worker
     model_path = resolve_model_path(args.model)
-    pairs = bench_pairs(AutoTokenizer.from_pretrained(model_path), args.pairs, args.max_length)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if args.pair_length:
+        pairs = pairs_of_length(tokenizer, args.pair_length, args.pairs)
+    else:
+        pairs = bench_pairs(tokenizer, args.pairs, args.max_length)
     with tempfile.TemporaryDirectory(prefix="rmtorch-bench-") as tmp:
         if VARIANTS[variant] is None:
             return run_trl(model_path, pairs, args, precision == "bf16", Path(tmp), args.final_loss)
@@ -261,6 +283,8 @@ def run_in_subprocess(args, variant: str, precision: str, final_loss: bool) -> d
         str(args.seed),
         "--threads",
         str(args.threads),
+        "--pair_length",
+        str(args.pair_length),
     ]
     finished = subprocess.run(command, capture_output=True, text=True)
     if finished.returncode != 0:
@@ -304,6 +328,46 @@ def run_bench(args) -> dict:
             runs.setdefault(f"{variant} {precision}", []).append(result)
     drift = bf16_reward_drift(model_path, pairs[:8])
     return summarize(args, runs, peaks, num_params, total_tokens, lengths, drift)
+
+
+def run_scaling(args) -> dict:
+    """tokens/s of TRL and rmtorch (bf16 both) on pairs of each length in args.lengths, 2 steps each, fresh
+    processes, the two alternating."""
+    rows = []
+    for index, length in enumerate(args.lengths):
+        num_pairs = max(2, args.scaling_tokens // (2 * length))
+        worker_args = copy.copy(args)
+        worker_args.pair_length, worker_args.pairs = length, num_pairs
+        worker_args.batch_size = max(1, num_pairs // 2)  # two steps
+        result = {}
+        for variant in ("trl", "rmtorch") if index % 2 == 0 else ("rmtorch", "trl"):
+            print(f"length {length}: {variant}, {num_pairs} pairs", flush=True)
+            run = run_in_subprocess(worker_args, variant, "bf16", final_loss=False)
+            result[variant] = run
+        tokens = result["trl"]["logged_tokens"]  # TRL counts every non-pad token: the same total for both
+        row = {
+            "length": length,
+            "pairs": num_pairs,
+            "tokens": tokens,
+            "trl_tokens_per_s": tokens / result["trl"]["loop_s"],
+            "rmtorch_tokens_per_s": tokens / result["rmtorch"]["loop_s"],
+            "rmtorch_executed_tokens": result["rmtorch"]["logged_tokens"],
+        }
+        row["speedup"] = row["rmtorch_tokens_per_s"] / row["trl_tokens_per_s"]
+        rows.append(row)
+        print(
+            f"  TRL {row['trl_tokens_per_s']:.1f} tokens/s, rmtorch {row['rmtorch_tokens_per_s']:.1f} "
+            f"({row['speedup']:.2f}x; it ran {row['rmtorch_executed_tokens']} of {tokens} tokens)",
+            flush=True,
+        )
+    print("| pair length | pairs | TRL tokens/s | rmtorch tokens/s | vs TRL | tokens rmtorch ran |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| ~{r['length']} | {r['pairs']} | {r['trl_tokens_per_s']:.1f} | {r['rmtorch_tokens_per_s']:.1f} | "
+            f"{r['speedup']:.2f}x | {r['rmtorch_executed_tokens']} of {r['tokens']} |"
+        )
+    return {"train_scaling": rows, "train_scaling_machine": machine()}
 
 
 def summarize(
@@ -378,18 +442,11 @@ def summarize(
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
+    info = cpu_info()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     return {
-        "cpu": cpu,
+        "cpu": info["model"],
+        "matrix_extensions": info["extensions"],
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "load_avg_1min_at_end": load,
@@ -413,8 +470,8 @@ def markdown_table(summary: dict) -> str:
     config, host = summary["train_config"], summary["train_machine"]
     lines.append("")
     lines.append(
-        f"matmul peak (2048², same run): fp32 {summary['peak_fp32_gflops']:.1f} GFLOP/s, bf16 "
-        f"{summary['peak_bf16_gflops']:.1f} GFLOP/s. "
+        f"{host['cpu']} ({', '.join(host['matrix_extensions']) or 'no matrix extensions'}): matmul peak (2048², "
+        f"same run) fp32 {summary['peak_fp32_gflops']:.1f} GFLOP/s, bf16 {summary['peak_bf16_gflops']:.1f} GFLOP/s. "
         f"{config['data']} ({config['tokens']} tokens, pair length {config['pair_tokens_min_median_max']}), batch "
         f"{config['batch_size']} pairs, "
         f"{config['steps']} steps, {config['threads']} thread(s); {host['cpu']}, {host['cores']} cores, torch "
@@ -475,6 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--worker", nargs=2, metavar=("VARIANT", "PRECISION"), help=argparse.SUPPRESS
     )  # one run, in a subprocess
     parser.add_argument("--final_loss", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--lengths",
+        nargs="*",
+        type=int,
+        default=[],
+        help="Instead of the real-data comparison: TRL vs rmtorch (bf16) on pairs of about these lengths in tokens "
+        "(e.g. 256 1024 4096), --scaling_tokens tokens each, 2 steps.",
+    )
+    parser.add_argument("--scaling_tokens", type=int, default=8192, help="Chosen + rejected tokens per length run.")
+    parser.add_argument("--pair_length", type=int, default=0, help=argparse.SUPPRESS)
     return parser
 
 
@@ -486,10 +553,15 @@ def main(argv: list[str] | None = None) -> dict:
         result = run_worker(args)
         print("RESULT " + json.dumps(result), flush=True)
         return result
-    summary = run_bench(args)
-    print(markdown_table(summary))
+    if args.lengths:
+        summary = run_scaling(args)
+        owned = ("train_scaling",)
+    else:
+        summary = run_bench(args)
+        print(markdown_table(summary))
+        owned = ("train_", "peak_")
     if not args.no_write:
-        write_results(summary, ("train_", "peak_"))
+        write_results(summary, owned)
         print(f"written to {RESULTS_FILE}")
     return summary
 

@@ -7,8 +7,8 @@ nothing appended, as OpenRLHF's and vLLM's own servers do, so the client's chat 
 model was trained with. `/score` formats rows as training did (`RewardScorer.split`).
 
 Every error is a JSON body `{"error": {"type": ..., "message": ...}}` with its status: 400 bad request, 401 API
-key, 413 body or request too large, 499 client gone (never read), 500 the forward of the request's batch raised,
-503 queue full or shutting down (with Retry-After).
+key, 413 body or request too large, 499 client gone (never read), 500 the forward of the request's batch raised
+(or gave a non-finite reward), 503 queue full or shutting down (with Retry-After).
 """
 
 from __future__ import annotations
@@ -249,7 +249,11 @@ class ServeState:
 
 def build_app(scorer: RewardScorer, cfg: ServeConfig, normalizer: RewardNormalizer | None = None) -> FastAPI:
     """The server's FastAPI app around `scorer`; its lifespan starts the model worker and, at shutdown, lets it
-    finish what is queued. Serve it with uvicorn (see rmtorch.serve.__main__)."""
+    finish what is queued. Serve it with uvicorn (see rmtorch.serve.__main__).
+
+    The scorer carries the model's options (max_length, max_tokens_per_batch, packing, precision); `cfg` gives the
+    serving ones (max_wait_ms, max_queue_tokens, on_long_row, api_key, max_body_mb, and the model's name).
+    """
     metrics = ServeMetrics()
     batcher = Batcher(
         scorer, max_wait_s=cfg.max_wait_ms / 1000, max_queue_tokens=cfg.max_queue_tokens, metrics=metrics
@@ -319,9 +323,17 @@ async def score_sequences(request: Request, sequences: list[list[int]], field: s
         job.future.cancel()
         raise ApiError(499, "client_closed", "The client closed the connection before its rewards were ready.")
     try:
-        return job.future.result()
+        scored = job.future.result()
     except ForwardFailed as err:
         raise ApiError(500, "forward_failed", str(err)) from None
+    nonfinite = [row for row, reward in enumerate(scored.rewards) if not math.isfinite(reward)]
+    if nonfinite:  # JSON has no NaN; a silent null or 0 would pass as a reward
+        raise ApiError(
+            500, "nonfinite_reward",
+            f"The reward model gave a non-finite reward (NaN or inf) to {field}{nonfinite[:10]}; with --bf16, try "
+            "fp32 (--bf16 false).",
+        )  # fmt: skip
+    return scored
 
 
 def _score_request_split(scorer: RewardScorer, body: ScoreRequest) -> SplitCompletions:

@@ -215,16 +215,16 @@ class Batcher:
     def _score(self, jobs: list[Job]) -> None:
         """One scorer call for every row of `jobs`; each job gets its own rows' results."""
         sequences = [ids for job in jobs for ids in job.sequences]
-        shared = shared_prefix_lengths(sequences)
-        # Scored as "full": the prefix as prompt, the rest as answer (the rows already are the part asked for).
-        split = SplitCompletions(
-            [ids[:n] for ids, n in zip(sequences, shared)],
-            [[] for _ in sequences],
-            [ids[n:] for ids, n in zip(sequences, shared)],
-            torch.zeros(len(sequences), dtype=torch.bool),
-        )
         started = time.perf_counter()
         try:
+            shared = shared_prefix_lengths(sequences)
+            # Scored as "full": the prefix as prompt, the rest as answer (the rows already are the part asked for).
+            split = SplitCompletions(
+                [ids[:n] for ids, n in zip(sequences, shared)],
+                [[] for _ in sequences],
+                [ids[n:] for ids, n in zip(sequences, shared)],
+                torch.zeros(len(sequences), dtype=torch.bool),
+            )
             details = self.scorer.score_split(split, "full")
         except Exception as err:  # the batch's requests get the error; the worker serves the next batch
             logger.exception("The forward of %d requests (%d rows) failed.", len(jobs), len(sequences))

@@ -484,6 +484,24 @@ def test_a_forward_that_raises_fails_only_its_batch(scorer):
     assert later.json()["rewards"] == earlier.result().json()["rewards"]
 
 
+def test_a_non_finite_reward_is_an_error_not_a_number(scorer):
+    poison = scorer.tokenizer.convert_tokens_to_ids("bad")
+
+    def nan_on_poison(module, args, kwargs, rewards):
+        return rewards.fill_(float("nan")) if (kwargs["input_ids"] == poison).any() else rewards
+
+    handle = scorer.reward_model.register_forward_hook(nan_on_poison, with_kwargs=True)
+    try:
+        with serving(scorer) as live:
+            response = live.post("/classify", {"input": ["<s> hello", "<s> bad"]})
+            after = live.post("/classify", {"input": ["<s> hello"]})
+    finally:
+        handle.remove()
+    assert response.status_code == 500 and response.json()["error"]["type"] == "nonfinite_reward"
+    assert "non-finite reward (NaN or inf) to input[0, 1]" in response.json()["error"]["message"]
+    assert after.status_code == 200
+
+
 # ---------------------------------------------------------------------------------------- normalization
 
 

@@ -1,0 +1,360 @@
+"""Serving under load on localhost: rmtorch.serve against a server that does what OpenRLHF's does, in one run.
+
+    python bench/bench_serve.py                     # SmolLM2-135M, fp32, 1 thread, 1/8/32 clients, both styles
+    python bench/bench_serve.py --clients 1,32 --prompts 16 --threads 2
+    pytest bench/ --benchmark-only                  # the same through pytest-benchmark (RMTORCH_BENCH_ARGS)
+
+Load: bench_score's GRPO rows (the first `--prompts` GSM8K questions of ../shared/data/r1_gsm8k, each with
+`--generations` completions cut from its real R1 trace at [`--min_completion`, `--max_completion`] tokens), sent as
+RL frameworks send them: full texts, chat template applied. Two request styles:
+- verl: one completion per request, POST /classify {"model", "input": text, "use_activation": false};
+- OpenRLHF: one prompt's group per request, POST /get_reward {"query": texts, "prompts", "labels"}.
+Clients (asyncio + httpx, in this process) take requests in GRPO order from one shared list, each sending its next
+request when its previous answer arrives. A run sends `--requests_per_client` requests per client (at least
+`--min_requests`, at most what the rows allow) and stops taking new ones after `--max_seconds`.
+
+Servers, each in its own process, on the same model (a base model's score head seeded and saved once), precision
+(fp32) and torch threads; both stay up, and each setting runs them back to back in alternating order:
+- baseline: what OpenRLHF's serve_rm does: the request's texts tokenized with add_special_tokens=False, one
+  left-padded forward per request inside the (async) request handler, so requests run one after another;
+  the reward at the last attended token. It answers both request shapes.
+- rmtorch: `python -m rmtorch.serve` with its defaults (but --max_length, so that no row is cut).
+
+Per (server, style, clients): rows/s, tokens/s (the rows' own tokens), p50 and p99 request latency. Every row's
+reward from both servers is compared (must agree to 1e-4). Writes serve_* keys to bench/results/latest.json;
+serve_speedup_vs_baseline is rows/s at 32 clients (or the most clients run), one completion per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx
+import torch
+from bench_score import DATA_FILE, grpo_load
+from benchlib import RESULTS_FILE, run_benchmark, write_results
+from fastapi import FastAPI, Request  # at module level: the handlers' annotations are resolved here
+from fastapi.responses import JSONResponse
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+STYLES = ("verl", "openrlhf")
+
+
+# ------------------------------------------------------------------------------------------- the baseline
+
+
+def baseline_app(model_name: str):
+    """OpenRLHF's serve_rm, in its essentials: each request's texts as one left-padded batch through the model,
+    inside the request handler (nothing batched across requests)."""
+    from rmtorch.model import RewardModel, load_reward_model
+
+    model, tokenizer = load_reward_model(model_name)
+    reward_model = RewardModel(model.eval())
+    tokenizer.padding_side = "left"  # the tokenizer is this process's own copy
+
+    def rewards(texts: list[str]) -> list[float]:
+        batch = tokenizer(texts, return_tensors="pt", add_special_tokens=False, padding=True)
+        position_ids = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)  # left padding starts at 0, as OpenRLHF
+        with torch.no_grad():
+            return reward_model(batch["input_ids"], batch["attention_mask"], position_ids=position_ids).tolist()
+
+    app = FastAPI()
+
+    @app.post("/get_reward")
+    async def get_reward(request: Request):
+        scores = rewards((await request.json())["query"])
+        return JSONResponse({"rewards": scores, "scores": scores, "extra_logs": {"dummy_scores": scores}})
+
+    @app.post("/classify")
+    async def classify(request: Request):
+        texts = (await request.json())["input"]
+        scores = rewards([texts] if isinstance(texts, str) else texts)
+        return JSONResponse({"data": [{"index": i, "probs": [score]} for i, score in enumerate(scores)]})
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------- servers
+
+
+class ServerProcess:
+    """A server in its own process on a free port (read from uvicorn's start line); SIGTERM at the end."""
+
+    def __init__(self, command: list[str]):
+        self.command = command
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen(
+            self.command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for line in self.process.stderr:
+            if match := re.search(r"Uvicorn running on (http://\S+)", line):
+                self.url = match[1]
+                break
+        else:
+            raise RuntimeError(f"{' '.join(self.command)} exited before serving (status {self.process.wait()}).")
+        threading.Thread(target=self.process.stderr.read, daemon=True).start()  # keep the pipe from filling up
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def saved_model(name: str, directory: Path, seed: int):
+    """(path, tokenizer): `name` itself when it is a model directory, else a copy saved once with a seeded score
+    head, so both servers load the same weights (a head loaded from a base model is initialized at random)."""
+    from rmtorch.model import load_reward_model
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_reward_model(name)
+    if Path(name, "config.json").is_file():
+        return name, tokenizer
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return str(directory), tokenizer
+
+
+def server_commands(model: str, args) -> dict[str, list[str]]:
+    python = sys.executable
+    return {
+        "baseline": [python, __file__, "--serve_baseline", "--model", model, "--threads", str(args.threads)],
+        "rmtorch": [
+            python, "-m", "rmtorch.serve", "--model", model, "--port", "0", "--bf16", "false",
+            "--cpu_threads", str(args.threads), "--max_length", str(args.max_length),
+        ],
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class Rows:
+    texts: list[str]  # full texts: prompt and completion through the chat template
+    prompts: list[str]  # the prompt texts, with the generation prompt
+    tokens: list[int]  # each text's tokens (add_special_tokens=False)
+    groups: list[list[int]]  # row indices of each prompt's completions
+
+
+def build_rows(tokenizer, args) -> Rows:
+    prompts, completions = grpo_load(
+        tokenizer, args.prompts, args.generations, args.min_completion, args.max_completion, args.seed
+    )
+    texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+    prompt_texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    tokens = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    groups = [list(range(start, start + args.generations)) for start in range(0, len(texts), args.generations)]
+    return Rows(texts, prompt_texts, tokens, groups)
+
+
+def requests_of(rows: Rows, style: str, model: str) -> list[tuple[str, dict, list[int]]]:
+    """(path, body, row indices) of every request of a style, in GRPO order."""
+    if style == "verl":
+        return [
+            ("/classify", {"model": model, "input": text, "use_activation": False}, [row])
+            for row, text in enumerate(rows.texts)
+        ]
+    return [
+        ("/get_reward", {"query": [rows.texts[i] for i in group], "prompts": [rows.prompts[i] for i in group],
+                         "labels": [None] * len(group)}, group)
+        for group in rows.groups
+    ]  # fmt: skip
+
+
+def rewards_in(path: str, answer: dict) -> list[float]:
+    return [d["probs"][-1] for d in answer["data"]] if path == "/classify" else answer["rewards"]
+
+
+@dataclass
+class Run:
+    server: str
+    style: str
+    clients: int
+    requests: int
+    rows: int
+    tokens: int
+    seconds: float
+    rows_per_s: float
+    tokens_per_s: float
+    p50_s: float
+    p99_s: float
+
+
+async def drive(url: str, requests: list, clients: int, max_seconds: float, rewards: dict[int, float]):
+    """`clients` concurrent clients sending `requests` in order; (rows, seconds, latencies) of the answered ones."""
+    todo, latencies, done_rows = deque(requests), [], []
+    deadline = time.perf_counter() + max_seconds
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as http:
+
+        async def client():
+            while todo and time.perf_counter() < deadline:
+                path, body, rows = todo.popleft()
+                sent = time.perf_counter()
+                response = await http.post(url + path, json=body)
+                response.raise_for_status()
+                latencies.append(time.perf_counter() - sent)
+                rewards.update(zip(rows, rewards_in(path, response.json())))
+                done_rows.extend(rows)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return done_rows, time.perf_counter() - started, latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q) - 1] if len(values) > 1 else values[0]
+
+
+def measure(name: str, url: str, rows: Rows, style: str, clients: int, args, rewards: dict[int, float]) -> Run:
+    """One run: `clients` clients sending their share of the style's requests; the answers' rewards go to `rewards`."""
+    requests = requests_of(rows, style, args.model)
+    count = min(len(requests), max(clients * args.requests_per_client, args.min_requests))
+    done, seconds, latencies = asyncio.run(drive(url, requests[:count], clients, args.max_seconds, rewards))
+    tokens = sum(rows.tokens[row] for row in done)
+    run = Run(
+        name, style, clients, len(latencies), len(done), tokens, seconds, len(done) / seconds, tokens / seconds,
+        percentile(latencies, 50), percentile(latencies, 99),
+    )  # fmt: skip
+    print(
+        f"{name:9s} {style:9s} {clients:3d} clients: {run.rows:4d} rows in {seconds:6.1f} s, "
+        f"{run.rows_per_s:6.2f} rows/s, p50 {run.p50_s:6.2f} s, p99 {run.p99_s:6.2f} s",
+        flush=True,
+    )
+    return run
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="rmtorch.serve against an OpenRLHF-style server, under load.")
+    parser.add_argument("--model", default="smollm2", help="Reward model (default: the embedded SmolLM2-135M).")
+    parser.add_argument("--prompts", type=int, default=32, help="Prompts (GSM8K questions).")
+    parser.add_argument("--generations", type=int, default=8, help="Completions per prompt (a GRPO group).")
+    parser.add_argument("--min_completion", type=int, default=8, help="Shortest completion, tokens.")
+    parser.add_argument("--max_completion", type=int, default=128, help="Longest completion, tokens.")
+    parser.add_argument("--clients", default="1,8,32", help="Concurrent clients of each run, comma-separated.")
+    parser.add_argument("--requests_per_client", type=int, default=2, help="Requests a run sends per client.")
+    parser.add_argument("--min_requests", type=int, default=8, help="Requests a run sends at least (latency samples).")
+    parser.add_argument("--max_seconds", type=float, default=60, help="A run takes no new request after this.")
+    parser.add_argument("--max_length", type=int, default=2048, help="rmtorch's --max_length (no row is cut).")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (1: steadiest).")
+    parser.add_argument("--seed", type=int, default=0, help="Completion lengths and score-head init.")
+    parser.add_argument("--no_write", action="store_true", help="Print only; leave bench/results/latest.json alone.")
+    parser.add_argument("--serve_baseline", action="store_true", help=argparse.SUPPRESS)  # the baseline's process
+    return parser
+
+
+def serve_baseline(args) -> None:
+    import uvicorn
+
+    torch.set_num_threads(args.threads)
+    uvicorn.run(baseline_app(args.model), host="127.0.0.1", port=0)
+
+
+def summarize(runs: list[Run], max_diff: float, args, rows: Rows) -> dict:
+    by_key = {(run.server, run.style, run.clients): run for run in runs}
+    most, least = max(args.clients), min(args.clients)
+
+    def ratio(style: str, clients: int, field: str) -> float:
+        return getattr(by_key["rmtorch", style, clients], field) / getattr(by_key["baseline", style, clients], field)
+
+    return {
+        "serve_speedup_vs_baseline": ratio("verl", most, "rows_per_s"),
+        "serve_p99_vs_baseline": ratio("verl", most, "p99_s"),
+        "serve_group_speedup_vs_baseline": ratio("openrlhf", most, "rows_per_s"),
+        "serve_group_p99_vs_baseline": ratio("openrlhf", most, "p99_s"),
+        "serve_one_client_p50_vs_baseline": ratio("verl", least, "p50_s"),
+        "serve_one_client_group_p50_vs_baseline": ratio("openrlhf", least, "p50_s"),
+        "serve_max_reward_diff": max_diff,
+        "serve_runs": [asdict(run) for run in runs],
+        "serve_setup": {
+            **{k: v for k, v in vars(args).items() if k != "serve_baseline"},
+            "rows": len(rows.texts),
+            "tokens": sum(rows.tokens),
+            "precision": "fp32",
+            "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.serve_baseline:
+        return serve_baseline(args)
+    args.clients = [int(c) for c in str(args.clients).split(",")]
+    if not DATA_FILE.exists():
+        raise SystemExit(f"error: {DATA_FILE} is absent (../shared holds the R1 GSM8K traces).")
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as directory:
+        model, tokenizer = saved_model(args.model, Path(directory), args.seed)
+        rows = build_rows(tokenizer, args)
+        print(f"{len(rows.texts)} rows ({args.prompts} prompts x {args.generations}), {sum(rows.tokens)} tokens")
+        runs, rewards = [], {"baseline": {}, "rmtorch": {}}
+        commands = server_commands(model, args)
+        # Both servers stay up (an idle one costs nothing) and each setting runs them back to back, in alternating
+        # order: load from other jobs on a shared machine then weighs on both alike.
+        with ServerProcess(commands["baseline"]) as baseline, ServerProcess(commands["rmtorch"]) as served:
+            urls = {"baseline": baseline.url, "rmtorch": served.url}
+            for url in urls.values():  # warm-up
+                asyncio.run(drive(url, requests_of(rows, "openrlhf", args.model)[:1], 1, 600, {}))
+            settings = [(style, clients) for style in STYLES for clients in args.clients]
+            for index, (style, clients) in enumerate(settings):
+                for name in list(urls) if index % 2 == 0 else list(urls)[::-1]:
+                    runs.append(measure(name, urls[name], rows, style, clients, args, rewards[name]))
+    common = rewards["baseline"].keys() & rewards["rmtorch"].keys()
+    max_diff = max(abs(rewards["baseline"][row] - rewards["rmtorch"][row]) for row in common)
+    if max_diff > 1e-4:
+        raise RuntimeError(f"The servers' rewards differ by up to {max_diff:.1e} (> 1e-4): not the same work.")
+    summary = summarize(runs, max_diff, args, rows)
+    print_table(runs, summary)
+    if not args.no_write:
+        write_results(summary, ("serve_",))
+        print(f"written to {RESULTS_FILE}")
+    return summary
+
+
+def print_table(runs: list[Run], summary: dict) -> None:
+    print(f"\n{'server':9s} {'style':9s} {'clients':>7s} {'rows/s':>8s} {'tokens/s':>9s} {'p50 s':>7s} {'p99 s':>7s}")
+    for run in sorted(runs, key=lambda run: (STYLES.index(run.style), run.clients, run.server)):
+        print(
+            f"{run.server:9s} {run.style:9s} {run.clients:7d} {run.rows_per_s:8.2f} {run.tokens_per_s:9.0f} "
+            f"{run.p50_s:7.2f} {run.p99_s:7.2f}"
+        )
+    print(
+        f"rmtorch vs baseline, most clients: {summary['serve_speedup_vs_baseline']:.2f}x rows/s one completion per "
+        f"request (p99 {summary['serve_p99_vs_baseline']:.2f}x), {summary['serve_group_speedup_vs_baseline']:.2f}x "
+        f"one group per request (p99 {summary['serve_group_p99_vs_baseline']:.2f}x); one client p50 "
+        f"{summary['serve_one_client_p50_vs_baseline']:.2f}x; max |reward diff| {summary['serve_max_reward_diff']:.1e}"
+    )
+
+
+def test_serve_vs_baseline(benchmark):
+    run_benchmark(benchmark, main)
+
+
+if __name__ == "__main__":
+    main()

@@ -435,11 +435,6 @@ def trained_defaults(model: str | None, cls: type[Options]) -> dict:
 
 @dataclass
 class ServeConfig(BatchOptions, LengthOptions, ModelOptions):
-    packing: bool = option(
-        True,
-        "Pack each forward padding-free, rows that share a token prefix (a prompt) computing it once. false: padded "
-        "micro-batches (same rewards, slower).",
-    )
     host: str = option(
         "127.0.0.1",
         "Address to bind. 127.0.0.1 serves this machine only; binding another address without --api_key logs a "

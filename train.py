@@ -14,13 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs, set_seed
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -41,22 +44,69 @@ from rmtorch.files import Rows, read_rows, write_json, write_text
 from rmtorch.lora import apply_lora, merge_adapter, quantization_config_4bit, save_adapter
 from rmtorch.loss import pairwise_loss
 from rmtorch.metrics import StepMetrics, pair_report, report_scalars
-from rmtorch.model import RewardModel, disable_dropout, enable_gradient_checkpointing, load_reward_model, score_pairs
+from rmtorch.model import (
+    RewardModel,
+    disable_dropout,
+    enable_gradient_checkpointing,
+    load_reward_model,
+    resolve_model_path,
+    score_pairs,
+)
 from rmtorch.pairs import shared_pairs, tokenize_pairs
 from rmtorch.report import plot_training_curves, write_report
 
 MAX_NONFINITE_STEPS_IN_A_ROW = 5
 
 
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The Accelerator of this launch: one process, DDP, FSDP or DeepSpeed, on GPUs or on CPU processes (gloo).
+
+    Accelerate 1.15 needs help on a machine without GPU: it connects CPU processes only with cpu=True (a config
+    file's use_cpu does not reach FSDP or multi-GPU launches), DeepSpeed only with the backend named (cpu=True would
+    turn DeepSpeed off), and it turns FSDP on for accelerators only, though FSDP2 shards on CPU too.
+    """
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    on_cpu = not torch.accelerator.is_available()
+    # The scheduler is stepped by hand once per optimizer step; prepare() only makes it part of save_state.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no",
+        step_scheduler_with_optimizer=False, log_with=tracker_names(cfg.report_to) or None,
+        project_dir=str(Path(cfg.output_dir) / "trackers"), cpu=on_cpu and not deepspeed,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else None,
+    )  # fmt: skip
+    if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise SystemExit("error: ACCELERATE_USE_CPU=1 turns DeepSpeed off; launch the DeepSpeed config without it.")
+    if deepspeed:  # DeepSpeed batches, accumulates and clips in its engine: the command line's numbers win there too
+        accelerator.gradient_accumulation_steps = cfg.grad_accum
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            gradient_clipping=cfg.max_grad_norm or 0.0,
+        )  # fmt: skip
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+        plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as Accelerate does
+        if accelerator.mixed_precision != "no":
+            plugin.set_mixed_precision(accelerator.mixed_precision)
+        accelerator.state.fsdp_plugin, accelerator.state.distributed_type = plugin, DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what barriers and gathers read
+    return accelerator
+
+
 def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[RewardModel, object]:
     """The base model with a new score head (drawn from the seed, as TRL), dropout off, and optionally gradient
     checkpointing and LoRA/QLoRA: a 4-bit nf4 body computing in bf16 (fp32 with --bf16 false), while norms and the
     score head stay fp32 and the head is always trained in full."""
+    if cfg.lora and accelerator.distributed_type == DistributedType.FSDP:  # PEFT saves from the unsharded weights
+        raise SystemExit(
+            "error: --lora under FSDP cannot save its adapter: the adapter's weights are shards. Train LoRA with DDP "
+            "(configs/ddp.yaml) or DeepSpeed (configs/deepspeed_zero2.yaml, configs/deepspeed_zero3.yaml)."
+        )
     quantization_config = quantization_config_4bit(compute_dtype(cfg)) if cfg.load_in_4bit else None
     with accelerator.main_process_first():  # the main process converts the embedded GGUF once; the others read it
-        model, tokenizer = load_reward_model(
-            cfg.model, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization_config
-        )
+        model_path = resolve_model_path(cfg.model)
+    # Every process loads at once: under DeepSpeed ZeRO-3 building the weights is a collective.
+    model, tokenizer = load_reward_model(
+        model_path, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization_config
+    )
     disable_dropout(model)
     if cfg.packing:  # packed rows run block attention, also when a checkpointed layer recomputes in backward
         use_block_attention(model)
@@ -117,10 +167,12 @@ def build_train_loader(cfg: TrainConfig, train_set, tokenizer) -> DataLoader:
 def build_optimizer(cfg: TrainConfig, reward_model: RewardModel) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; no weight decay on biases and norms."""
     trainable = [p for p in reward_model.parameters() if p.requires_grad]
+    is_matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in trainable]  # ZeRO-3 keeps the shape in ds_shape
     groups = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p, matrix in zip(trainable, is_matrix) if matrix], "weight_decay": cfg.weight_decay},
+        {"params": [p for p, matrix in zip(trainable, is_matrix) if not matrix], "weight_decay": 0.0},
     ]
+    groups = [group for group in groups if group["params"]]  # ZeRO drops an empty group, which a scheduler would count
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
 
 
@@ -158,12 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = resolve_checkpoint(cfg.resume_from, cfg.output_dir) if cfg.resume_from else None
     if checkpoint is None:
         refuse_used_output_dir(cfg.output_dir)
-    # The scheduler is stepped by hand once per optimizer step; prepare() only makes it part of save_state.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no",
-        step_scheduler_with_optimizer=False, log_with=tracker_names(cfg.report_to) or None,
-        project_dir=str(Path(cfg.output_dir) / "trackers"),
-    )  # fmt: skip
+    accelerator = build_accelerator(cfg)
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     set_seed(cfg.seed)  # before the model: the new score head is drawn from this seed (as TRL)
     start_time = time.time()
@@ -172,11 +219,13 @@ def main(argv: list[str] | None = None) -> dict:
     reward_model, tokenizer = build_model(cfg, accelerator)
     with accelerator.main_process_first():
         train_set, eval_set, data_report = build_data(cfg, tokenizer)
-    train_loader = build_train_loader(cfg, train_set, tokenizer)
-    optimizer = build_optimizer(cfg, reward_model)
-    reward_model, optimizer, train_loader = accelerator.prepare(reward_model, optimizer, train_loader)
+    train_loader = accelerator.prepare(build_train_loader(cfg, train_set, tokenizer))  # this process's share
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_loader) / cfg.grad_accum)))
-    scheduler = accelerator.prepare(build_scheduler(cfg, optimizer, total_steps))  # saved with the checkpoints
+    optimizer = build_optimizer(cfg, reward_model)
+    # The scheduler goes in with the model: under DeepSpeed, Accelerate checkpoints a scheduler only then.
+    reward_model, optimizer, scheduler = accelerator.prepare(
+        reward_model, optimizer, build_scheduler(cfg, optimizer, total_steps)
+    )
 
     # Where the loop stands: restored from the checkpoint when resuming.
     state = {"step": 0, "epoch": 0, "batches_done_in_epoch": 0, "tokens": 0, "skipped_nonfinite_steps": 0}
@@ -258,8 +307,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def grad_norm_tensor(grad_norm) -> torch.Tensor | None:
-    """clip_grad_norm_'s result as a tensor: a tensor (DDP, FSDP), a float or None (DeepSpeed, which clips inside
-    its engine and may not report the norm)."""
+    """clip_grad_norm_'s result as a plain tensor: a tensor (DDP), a DTensor (FSDP2: the total norm, replicated), a
+    float or None (DeepSpeed, which clips inside its engine and may not report the norm)."""
+    if isinstance(grad_norm, DTensor):
+        return grad_norm.full_tensor()
     if grad_norm is None or isinstance(grad_norm, torch.Tensor):
         return grad_norm
     return torch.tensor(float(grad_norm))
@@ -382,10 +433,10 @@ def save_model(accelerator: Accelerator, reward_model, tokenizer, cfg: TrainConf
             is_main_process=accelerator.is_main_process,
         )
     else:
-        # get_state_dict gathers full weights when FSDP or DeepSpeed ZeRO-3 shard them (keys "model.*" of RewardModel).
-        state_dict = {
-            name.removeprefix("model."): tensor for name, tensor in accelerator.get_state_dict(reward_model).items()
-        }
+        # get_state_dict gathers full weights when FSDP or DeepSpeed ZeRO-3 shard them (keys "model.*" of RewardModel);
+        # ZeRO-3 gives them to the main process only, and None to the others.
+        full_state = accelerator.get_state_dict(reward_model) or {}
+        state_dict = {name.removeprefix("model."): tensor for name, tensor in full_state.items()}
         unwrapped.save_pretrained(
             output_dir, state_dict=state_dict, is_main_process=accelerator.is_main_process,
             save_function=accelerator.save, safe_serialization=True,

@@ -5,8 +5,14 @@ newest complete checkpoint. A save writes `.tmp-step-N/` and renames it only onc
 rewrites `latest` with an atomic os.replace, so a crash at any moment leaves `latest` naming a complete
 checkpoint. Leftover `.tmp-*` directories from a crash are removed by the next save.
 
-Nothing here unpickles code: weights are safetensors, and Accelerate reads the optimizer, scheduler and RNG
-files with torch.load(weights_only=True). On several machines, output_dir must be on a shared filesystem.
+Under FSDP and DeepSpeed every process writes its own shard of the model and optimizer into the one temp
+directory; the main process renames it only after all have finished. On several machines, output_dir must be on a
+filesystem they all mount (a save checks that every process sees the temp directory).
+
+In one process and under DDP nothing here unpickles code: weights are safetensors, and Accelerate reads the
+optimizer, scheduler and RNG files with torch.load(weights_only=True). The sharded formats of the engines do
+unpickle (FSDP's distributed-checkpoint metadata, DeepSpeed's state files): resume those only from checkpoints
+your own runs wrote.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_
     """Every process calls this. Writes accelerator.save_state to a temp dir, then the main process renames it
     and repoints `latest`; older checkpoints beyond `keep_last` (and any from a later step of an abandoned run)
     are removed."""
+    from accelerate.utils import gather_object
+
     root = checkpoints_dir(output_dir)
     name = f"step-{loop_state['step']:06d}"
     final_dir, tmp_dir, old_dir = root / name, root / f".tmp-{name}", root / f".old-{name}"
@@ -51,6 +59,12 @@ def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_
             shutil.rmtree(stale, ignore_errors=True)
         tmp_dir.mkdir()
     accelerator.wait_for_everyone()
+    # Under FSDP and DeepSpeed every process writes its own shard into tmp_dir: all must see the one directory.
+    if not all(gather_object([tmp_dir.is_dir()])):
+        raise FileNotFoundError(
+            f"Not every process sees {tmp_dir}, which the main process created: its checkpoint would miss their "
+            "shards. Put --output_dir on a filesystem that every machine of the run mounts."
+        )
     accelerator.save_state(str(tmp_dir), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -127,10 +141,15 @@ def checkpoint_trainable_weights_only(accelerator) -> None:
     """Make accelerator.save_state / load_state keep only the trainable weights (adapters and head) of each model.
 
     Under LoRA the frozen body is the base model, loaded again on resume: saving it would copy the whole model into
-    every checkpoint, and a 4-bit body's quantization state does not load back through load_state_dict.
+    every checkpoint, and a 4-bit body's quantization state does not load back through load_state_dict. Under FSDP
+    and DeepSpeed nothing changes: each process saves and loads its own shard of the whole model, which these hooks
+    never see.
     """
-    from accelerate.utils import SAFE_MODEL_NAME
+    from accelerate.utils import SAFE_MODEL_NAME, DistributedType
     from safetensors.torch import load_file
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return
 
     def trainable_names(model) -> set[str]:
         return {name for name, param in model.named_parameters() if param.requires_grad}

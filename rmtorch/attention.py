@@ -6,6 +6,10 @@ its backward with the same attention); a caller's model gets it only for the dur
 (`packed_attention`) and keeps its own attention for everything else. It runs block by block with SDPA: on CPU a
 dense (L, L) mask over a packed row would cost more than the padding it removes, and CPU has no variable-length
 flash kernel. Whether it computes in bf16 or fp32 on a CPU is measured on the machine in hand (`attention_dtype`).
+
+On CUDA a packed row runs FlexAttention instead (`flex_block_attention`): one fused kernel over the whole row, its
+mask built from the same blocks, rather than a small SDPA call per block per layer. The row is padded to a shape
+bucket (a power of two), so the kernel and the mask compile once per bucket.
 """
 
 from __future__ import annotations
@@ -103,12 +107,77 @@ def _time_block_loop(dtype: torch.dtype, heads: int, head_dim: int, blocks: int 
     return best
 
 
+def packed_row_attention(module, query, key, value, attention_mask, attention_blocks=None, **kwargs):
+    """The function registered under BLOCK_ATTENTION: FlexAttention for a packed row on CUDA, `block_attention`
+    (SDPA for padded batches, the block loop for packed rows) everywhere else."""
+    if attention_blocks is not None and query.device.type == "cuda":
+        return flex_block_attention(module, query, key, value, attention_blocks, **kwargs)
+    return block_attention(module, query, key, value, attention_mask, attention_blocks, **kwargs)
+
+
+def flex_block_attention(module, query, key, value, attention_blocks, compiled: bool = True, **kwargs):
+    """FlexAttention over one packed row, masked by its blocks; the same outputs as `block_attention`.
+
+    query (1, H, L, D), key/value (1, H_kv, L, D); returns (1, L, H, D). The row is zero-padded to
+    `shape_bucket(L)`: the padding is a block of its own and is cut off again. `compiled=False` runs eager
+    flex_attention, which materializes the scores (a reference for tests, not for speed).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if query.shape[0] != 1:
+        raise ValueError(f"A packed batch is one row; got {query.shape[0]} rows with attention_blocks.")
+    if module.training and kwargs.get("dropout", 0.0):
+        raise ValueError("FlexAttention has no attention dropout; rmtorch trains with dropout off (disable_dropout).")
+    length = query.shape[2]
+    bucket = shape_bucket(length)
+    block_mask = packed_block_mask(attention_blocks, bucket, query.device, compiled)
+    query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, bucket - length)) for t in (query, key, value))
+    attend = compiled_flex_attention() if compiled else flex_attention
+    gqa = query.shape[1] != key.shape[1]  # grouped-query heads, shared by the kernel itself
+    output = attend(query, key, value, block_mask=block_mask, scale=kwargs.get("scaling"), enable_gqa=gqa)
+    return output[:, :, :length].transpose(1, 2).contiguous(), None
+
+
+def shape_bucket(length: int) -> int:
+    """The length a packed row runs at under FlexAttention: the next power of two from 128 (its tile size). A run
+    compiles for a handful of lengths, and the padding costs little: it only attends within its own tiles."""
+    return max(128, 1 << (length - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=16)
+def packed_block_mask(attention_blocks: tuple, length: int, device: torch.device, compiled: bool = True):
+    """FlexAttention's BlockMask of a packed row padded to `length`: a query sees the earlier tokens of its own block
+    and its block's whole prefix span; the padding past the last block is one more block (no query sees nothing).
+    Cached: every layer of a forward, and the recompute of a checkpointed layer, use the same mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    block = torch.full((length,), len(attention_blocks), dtype=torch.int32)  # (L,): the block of each position
+    prefix = torch.zeros((2, length), dtype=torch.int32)  # (2, L): the prefix span [start, end) of each position
+    for i, (start, end, prefix_start, prefix_end) in enumerate(attention_blocks):
+        block[start:end] = i
+        prefix[0, start:end], prefix[1, start:end] = prefix_start, prefix_end
+    block, prefix = block.to(device), prefix.to(device)
+
+    def mask_mod(batch, head, q, kv):
+        return ((block[q] == block[kv]) & (kv <= q)) | ((prefix[0, q] <= kv) & (kv < prefix[1, q]))
+
+    return create_block_mask(mask_mod, None, None, length, length, device=device, _compile=compiled)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once per process; each shape bucket gets its own graph."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     if BLOCK_ATTENTION not in AttentionInterface._global_mapping:
-        AttentionInterface.register(BLOCK_ATTENTION, block_attention)
+        AttentionInterface.register(BLOCK_ATTENTION, packed_row_attention)
         AttentionMaskInterface.register(BLOCK_ATTENTION, sdpa_mask)
 
 

@@ -11,6 +11,7 @@ path and report as evaluate.py); then `main`, the loop, one concern per commente
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -33,7 +34,6 @@ from rmtorch.builtin_data import builtin_pairs
 from rmtorch.checkpoint import (
     checkpoint_trainable_weights_only,
     load_checkpoint,
-    refuse_used_output_dir,
     resolve_checkpoint,
     save_checkpoint,
     truncate_metrics,
@@ -52,6 +52,7 @@ from rmtorch.model import (
     resolve_model_path,
     score_pairs,
 )
+from rmtorch.outputs import check_new_run, check_resume, fingerprint, write_marker
 from rmtorch.pairs import shared_pairs, tokenize_pairs
 from rmtorch.report import plot_training_curves, write_report
 
@@ -207,9 +208,12 @@ def evaluate(reward_model, eval_set, tokenizer, cfg: TrainConfig, accelerator: A
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv, TrainConfig, description="Train a reward model (pairwise loss) with an Accelerate loop.")
     # Where we write and what we resume, checked before any work, so a bad start leaves nothing behind.
+    data_files = {name: fingerprint(path) for name in ("train_file", "eval_file") if (path := getattr(cfg, name))}
     checkpoint = resolve_checkpoint(cfg.resume_from, cfg.output_dir) if cfg.resume_from else None
     if checkpoint is None:
-        refuse_used_output_dir(cfg.output_dir)
+        check_new_run(cfg.output_dir, inputs=[cfg.model, cfg.train_file, cfg.eval_file])
+    else:
+        check_resume(cfg.output_dir, dataclasses.asdict(cfg), data_files)
     accelerator = build_accelerator(cfg)
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     set_seed(cfg.seed)  # before the model: the new score head is drawn from this seed (as TRL)
@@ -231,9 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
     state = {"step": 0, "epoch": 0, "batches_done_in_epoch": 0, "tokens": 0, "skipped_nonfinite_steps": 0}
     if checkpoint is not None:
         state.update(load_checkpoint(accelerator, checkpoint))
-    log = RunLog(cfg, accelerator, total_steps, data_report, state, checkpoint)
+    log = RunLog(cfg, accelerator, total_steps, data_report, state, checkpoint, data_files)
 
-    stats, nonfinite_in_a_row = StepMetrics(accelerator.device), 0
+    stats, nonfinite_in_a_row, weight_casts = StepMetrics(accelerator.device), 0, None
     reward_model.train()
     step_start = time.perf_counter()  # step_time: data, forward, backward and update; eval and saving excluded
     while state["step"] < total_steps:
@@ -242,11 +246,18 @@ def main(argv: list[str] | None = None) -> dict:
         for batch in accelerator.skip_first_batches(train_loader, skip) if skip else train_loader:
             state["batches_done_in_epoch"] += 1
 
-            # Forward, loss and backward; on the last micro-batch of a step: clip, check, update.
+            # Forward, loss and backward; on the last micro-batch of a step: clip, check, update. Under bf16 the
+            # step's micro-batches share one autocast region, whose cache casts each weight to bf16 once a step.
             with accelerator.accumulate(reward_model):
+                if cfg.bf16 and weight_casts is None:
+                    weight_casts = contextlib.ExitStack()
+                    weight_casts.enter_context(torch.autocast(accelerator.device.type, dtype=torch.bfloat16))
                 loss, chosen, rejected = train_step(reward_model, batch, accelerator, cfg)
                 stats.add(loss, chosen, rejected, batch["attention_mask"].sum())
                 if accelerator.sync_gradients:
+                    if weight_casts is not None:  # the update changes the weights: drop their bf16 casts
+                        weight_casts.close()
+                        weight_casts = None
                     grad_norm = accelerator.clip_grad_norm_(reward_model.parameters(), cfg.max_grad_norm or math.inf)
                     record = stats.reduce(accelerator, grad_norm_tensor(grad_norm))  # the step's one host sync
                     if not record["finite"]:
@@ -288,10 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             state["epoch"], state["batches_done_in_epoch"] = state["epoch"] + 1, 0
 
-    # Final evaluation, checkpoint and model (plain safetensors, or the adapter with --lora), report and curves.
-    report, scores = evaluate(reward_model, eval_set, tokenizer, cfg, accelerator)
+    # Final checkpoint and model (plain safetensors, or the adapter with --lora), then evaluation, report, curves.
     save_checkpoint(accelerator, cfg.output_dir, state)
     save_model(accelerator, reward_model, tokenizer, cfg)
+    report, scores = evaluate(reward_model, eval_set, tokenizer, cfg, accelerator)
     results = {
         **report_scalars(report), "train_steps": state["step"], "train_wall_s": round(time.time() - start_time, 1),
         "skipped_nonfinite_steps": state["skipped_nonfinite_steps"], "data": data_report,
@@ -321,9 +332,7 @@ class RunLog:
     per evaluation), the trackers, the progress bar, the console, and at the end eval_results.json and report/.
     Files are written by the main process only."""
 
-    def __init__(
-        self, cfg: TrainConfig, accelerator: Accelerator, total_steps: int, data_report: dict, state: dict, checkpoint
-    ):
+    def __init__(self, cfg, accelerator, total_steps: int, data_report: dict, state: dict, checkpoint, data_files):
         self.cfg, self.accelerator, self.total_steps = cfg, accelerator, total_steps
         self.output_dir = Path(cfg.output_dir)
         self.metrics_file = None
@@ -341,6 +350,8 @@ class RunLog:
         accelerator.init_trackers("rmtorch", config=dataclasses.asdict(cfg))  # no-op unless --report_to names one
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            if checkpoint is None:  # what a resumed run must match (outputs.check_resume)
+                write_marker(self.output_dir, "train", options=dataclasses.asdict(cfg), data=data_files)
             write_text(self.output_dir / "config.yaml", to_yaml(cfg))
             write_json(self.output_dir / "data_report.json", data_report)
             # A resumed run rewrites what a killed run logged after its checkpoint.

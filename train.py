@@ -46,6 +46,7 @@ from rmtorch.loss import pairwise_loss
 from rmtorch.metrics import StepMetrics, pair_report, report_scalars
 from rmtorch.model import (
     RewardModel,
+    compile_elementwise,
     disable_dropout,
     enable_gradient_checkpointing,
     load_reward_model,
@@ -115,6 +116,8 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[RewardModel
         enable_gradient_checkpointing(model)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target=cfg.lora_target)
+    if cfg.compile:
+        compile_elementwise(model)
         checkpoint_trainable_weights_only(accelerator)  # checkpoints hold adapters and head; the body is the base
     return RewardModel(model), tokenizer
 

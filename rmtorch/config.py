@@ -162,6 +162,12 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
     seed: int = option(42, "Seed for the score head, data order and dropout.")
     shuffle: bool = option(True, "Shuffle training pairs each epoch (False: file order, as TRL's sequential sampler).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (non-reentrant) to save memory.")
+    compile: bool = option(
+        False,
+        "torch.compile (dynamic shapes) the norms and MLPs of every decoder layer, fusing their elementwise work. "
+        "A one-time compile of tens of seconds for a few percent a step on CPU: worth it for long runs (numbers in "
+        "docs/benchmarks.md).",
+    )
     group_by_length: bool = option(
         False,
         "Batch pairs of similar length (sorted within windows of 50 batches, batches shuffled) to cut padding. "

@@ -175,3 +175,18 @@ def test_compute_rewards_equals_one_by_one_at_any_budget(packing, budget):
 def test_compute_rewards_refuses_an_empty_sequence():
     with pytest.raises(ValueError, match="empty token sequence"):
         compute_rewards(block_model(), [[1, 2], []])
+
+
+@pytest.mark.slow
+def test_compiled_norms_and_mlps_give_the_eager_rewards_and_gradients():
+    """--compile fuses the elementwise work of norms and MLPs; packed rows of changing length (dynamic shapes)
+    still give the eager model's rewards and gradients."""
+    from rmtorch.model import compile_elementwise
+
+    eager, compiled = block_model(seed=5), block_model(seed=5)
+    assert compile_elementwise(compiled.model) == 2 * 3 + 1  # per layer two norms and an MLP; the final norm
+    for seed in (3, 4):  # two packed lengths: no recompilation needed, same numbers
+        batch = PackedPairCollator()(random_pairs(seed=seed))
+        expected, got = _gradients(eager, batch), _gradients(compiled, batch)
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, atol=1e-5, rtol=1e-4, msg=name)

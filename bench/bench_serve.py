@@ -1,7 +1,7 @@
 """Serving under load on localhost: rmtorch.serve against a server that does what OpenRLHF's does, in one run.
 
     python bench/bench_serve.py                     # SmolLM2-135M, fp32, 1 thread, 1/8/32 clients, both styles
-    python bench/bench_serve.py --clients 1,32 --prompts 16 --threads 2
+    python bench/bench_serve.py --clients 1,8 --prompts 8 --no_write      # a quick look (about 3 minutes)
     pytest bench/ --benchmark-only                  # the same through pytest-benchmark (RMTORCH_BENCH_ARGS)
 
 Load: bench_score's GRPO rows (the first `--prompts` GSM8K questions of ../shared/data/r1_gsm8k, each with
@@ -22,7 +22,8 @@ Servers, each in its own process, on the same model (a base model's score head s
 
 Per (server, style, clients): rows/s, tokens/s (the rows' own tokens), p50 and p99 request latency. Every row's
 reward from both servers is compared (must agree to 1e-4). Writes serve_* keys to bench/results/latest.json;
-serve_speedup_vs_baseline is rows/s at 32 clients (or the most clients run), one completion per request.
+serve_speedup_vs_baseline is rows/s at 32 clients (or the most clients run), one completion per request. The
+default run takes about 15 minutes on a busy 2-core CPU, most of it the baseline answering 32 groups in turn.
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ from rmtorch.normalize import RewardNormalizer
 from rmtorch.pairs import common_prefix_length, keep_end, tokenize_response
 from rmtorch.score import RewardScorer
 from rmtorch.serve import RemoteScorer
-from rmtorch.serve.app import build_app
+from rmtorch.serve.__main__ import load_config
+from rmtorch.serve.app import build_app, exposure_warning
 from rmtorch.serve.batcher import MIN_SHARED_TOKENS
 from tests.conftest import REPO_ROOT
 from tests.unit.test_score import PROMPTS, RESPONSES, reward_alone
@@ -628,3 +629,13 @@ def test_the_command_checks_its_options_before_loading_a_model(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.json" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_binding_beyond_localhost_without_a_key_warns(monkeypatch):
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("localhost", None) is None
+    assert exposure_warning("0.0.0.0", "key") is None
+    assert "without an API key" in exposure_warning("0.0.0.0", None)
+    assert "without an API key" in exposure_warning("rm-host.internal", None)  # a name may resolve to anything
+    monkeypatch.setenv("RMTORCH_SERVE_API_KEY", "from-env")
+    assert load_config(["--host", "0.0.0.0"]).api_key == "from-env"
+    assert load_config(["--api_key", "given"]).api_key == "given"

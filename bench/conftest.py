@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train.py, import
 
 
 def pytest_collect_file(file_path: Path, parent):
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # A bench named on the command line is collected by pytest itself; collecting it here too would run it twice.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None

@@ -121,3 +121,12 @@ def test_zero2_kill_9_then_resume_equals_an_uninterrupted_run(data, zero2):
     assert_same_run(zero2, output_dir)
     final_state = json.loads((resolve_checkpoint("latest", output_dir) / LOOP_STATE_FILE).read_text())
     assert final_state == json.loads((resolve_checkpoint("latest", zero2) / LOOP_STATE_FILE).read_text())
+
+
+@pytest.mark.slow
+def test_a_deepspeed_launch_that_accelerate_would_run_as_ddp_is_refused(data, tmp_path):
+    """ACCELERATE_USE_CPU=1 (what CPU launches of DDP used to need) makes Accelerate drop DeepSpeed for plain DDP."""
+    argv = train_options(data, tmp_path / "out", 2)
+    result = launch("deepspeed_zero2.yaml", argv, check=False, ACCELERATE_USE_CPU="1")
+    assert result.returncode != 0
+    assert "error: ACCELERATE_USE_CPU=1 turns DeepSpeed off; launch the DeepSpeed config without it." in result.stderr

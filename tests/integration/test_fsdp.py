@@ -39,7 +39,7 @@ def accelerate_launch(config: str) -> list[str]:
     ]
 
 
-def launch(config: str, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
+def launch(config: str, argv: list[str], check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """Run train.py under `config` in 2 CPU processes, one torch thread each (the machine is shared)."""
     result = subprocess.run(
         accelerate_launch(config) + argv,
@@ -47,7 +47,7 @@ def launch(config: str, argv: list[str], check: bool = True) -> subprocess.Compl
         capture_output=True,
         text=True,
         timeout=LAUNCH_TIMEOUT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )
     if check and result.returncode != 0:
         raise AssertionError(f"{config} launch failed ({result.returncode}):\n{result.stderr[-4000:]}")

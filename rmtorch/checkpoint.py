@@ -29,15 +29,6 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def refuse_used_output_dir(output_dir: str | Path) -> None:
-    """A fresh run must not mix with an old one: refuse an output_dir that already holds checkpoints."""
-    if (checkpoints_dir(output_dir) / "latest").exists():
-        raise SystemExit(
-            f"error: {output_dir} already holds a run with checkpoints. Pass --resume_from latest to continue it, "
-            "or choose a new --output_dir."
-        )
-
-
 def _step_of(path: Path) -> int:
     return int(path.name.removeprefix("step-"))
 

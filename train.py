@@ -97,11 +97,6 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[RewardModel
     """The base model with a new score head (drawn from the seed, as TRL), dropout off, and optionally gradient
     checkpointing and LoRA/QLoRA: a 4-bit nf4 body computing in bf16 (fp32 with --bf16 false), while norms and the
     score head stay fp32 and the head is always trained in full."""
-    if cfg.lora and accelerator.distributed_type == DistributedType.FSDP:  # PEFT saves from the unsharded weights
-        raise SystemExit(
-            "error: --lora under FSDP cannot save its adapter: the adapter's weights are shards. Train LoRA with DDP "
-            "(configs/ddp.yaml) or DeepSpeed (configs/deepspeed_zero2.yaml, configs/deepspeed_zero3.yaml)."
-        )
     quantization_config = quantization_config_4bit(compute_dtype(cfg)) if cfg.load_in_4bit else None
     with accelerator.main_process_first():  # the main process converts the embedded GGUF once; the others read it
         model_path = resolve_model_path(cfg.model)
@@ -116,9 +111,9 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[RewardModel
         enable_gradient_checkpointing(model)
     if cfg.lora:
         model = apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target=cfg.lora_target)
+        checkpoint_trainable_weights_only(accelerator)  # checkpoints hold adapters and head; the body is the base
     if cfg.compile:
         compile_elementwise(model)
-        checkpoint_trainable_weights_only(accelerator)  # checkpoints hold adapters and head; the body is the base
     return RewardModel(model), tokenizer
 
 
@@ -439,13 +434,16 @@ def save_model(accelerator: Accelerator, reward_model, tokenizer, cfg: TrainConf
     unwrapped = accelerator.unwrap_model(reward_model).model
     if cfg.lora:
         compute = compute_dtype(cfg) if cfg.load_in_4bit else None
-        save_adapter(
-            unwrapped,
-            output_dir,
-            base_model=cfg.model,
-            compute_dtype=compute,
-            is_main_process=accelerator.is_main_process,
-        )
+        if accelerator.distributed_type == DistributedType.FSDP:  # PEFT reads the model's own weights: here, shards
+            full_state = accelerator.get_state_dict(reward_model)  # gathered on the main process
+            if accelerator.is_main_process:
+                state_dict = {name.removeprefix("model."): tensor for name, tensor in full_state.items()}
+                save_adapter(unwrapped, output_dir, base_model=cfg.model, compute_dtype=compute, state_dict=state_dict)
+        else:
+            save_adapter(
+                unwrapped, output_dir, base_model=cfg.model, compute_dtype=compute,
+                is_main_process=accelerator.is_main_process,
+            )  # fmt: skip
     else:
         # get_state_dict gathers full weights when FSDP or DeepSpeed ZeRO-3 shard them (keys "model.*" of RewardModel);
         # ZeRO-3 gives them to the main process only, and None to the others.

@@ -173,18 +173,20 @@ def save_adapter(
     base_model: str,
     compute_dtype: torch.dtype | None = None,
     is_main_process: bool = True,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save a PeftModel's adapters and score head (safetensors) and how its base was loaded; the caller saves the
     tokenizer next to them.
 
     `base_model` is recorded as given ('smollm2', a directory) so the adapter finds its base again;
-    `compute_dtype` is the 4-bit compute dtype, None for a base that was not quantized.
+    `compute_dtype` is the 4-bit compute dtype, None for a base that was not quantized; `state_dict` the model's
+    full weights when they are sharded (FSDP: gathered by the caller), else the model's own are read.
     """
     output_dir = Path(output_dir)
     if Path(base_model).exists():
         base_model = str(Path(base_model).resolve())  # a relative path would break when loading from elsewhere
     model.peft_config[model.active_adapter].base_model_name_or_path = base_model
-    model.save_pretrained(output_dir, safe_serialization=True, is_main_process=is_main_process)
+    model.save_pretrained(output_dir, safe_serialization=True, is_main_process=is_main_process, state_dict=state_dict)
     if is_main_process:
         info = {
             "load_in_4bit": compute_dtype is not None,

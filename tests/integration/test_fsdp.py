@@ -168,17 +168,30 @@ def test_fsdp_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_fsdp_r
 
 
 @pytest.mark.slow
-def test_lora_under_fsdp_is_refused_before_any_work(data, tmp_path):
-    """LoRA trains under FSDP, but its adapter cannot be saved yet: PEFT writes the adapter from the model's own
-    state dict, which FSDP2 keeps as shards, and rmtorch.lora.save_adapter takes no gathered weights. Until it
-    does, the run stops at once and names the modes that train LoRA (DDP, DeepSpeed ZeRO-2 and ZeRO-3)."""
-    result = launch("fsdp2_cpu.yaml", train_options(data, tmp_path / "out", 2, "--lora"), check=False)
-    assert result.returncode != 0
+def test_lora_under_fsdp_equals_one_process(data, tmp_path):
+    """LoRA under FSDP2: the adapter and the trained head (saved from the gathered shards) equal a 1-process run's,
+    and the adapter directory loads as a reward model."""
+    from rmtorch.model import load_reward_model
+
+    lora = ("--lora", "--lora_r", "4", "--max_steps", "4")
+    fsdp, one = tmp_path / "fsdp", tmp_path / "one"
+    result = launch("fsdp2_cpu.yaml", train_options(data, fsdp, 2, *lora))
+    assert "2 process(es) x 2 pairs x 2 accumulation" in result.stdout + result.stderr
+    subprocess.run(
+        [sys.executable, "train.py", *train_options(data, one, 4, *lora)],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+    )
+    ours, reference = load_file(fsdp / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
     assert (
-        "error: --lora under FSDP cannot save its adapter: the adapter's weights are shards. Train LoRA with DDP "
-        "(configs/ddp.yaml) or DeepSpeed (configs/deepspeed_zero2.yaml, configs/deepspeed_zero3.yaml)."
-    ) in result.stderr
-    assert not (tmp_path / "out" / "checkpoints").exists()
+        ours.keys() == reference.keys()
+        and any("lora_B" in name for name in ours)
+        and any("score" in name for name in ours)
+    )
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert load_reward_model(str(fsdp))[0].peft_config["default"].r == 4
 
 
 def test_a_checkpoint_directory_a_process_cannot_see_stops_the_save(tmp_path, accelerator, monkeypatch):

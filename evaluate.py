@@ -19,9 +19,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from accelerate import Accelerator
-
 from rmtorch import rewardbench
+from rmtorch.accelerator import launch_accelerator
 from rmtorch.cli import run, set_cpu_threads
 from rmtorch.config import EvalConfig, parse_config, trained_defaults
 from rmtorch.files import PairDataError, read_rows
@@ -54,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{cfg.data}: no column '{cfg.category_column}' to split accuracy by; its columns are {rows.column_names}."
         )
 
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     pairs = tokenize_pairs(
@@ -87,7 +86,7 @@ def evaluate_benchmark(cfg: EvalConfig, trained: dict) -> dict:
     under --report when given; returns the report."""
     # The rows are read and checked before the model loads.
     prompts, data = rewardbench.read_prompts(read_rows(cfg.data, cfg.on_bad_row), cfg.benchmark, cfg.on_bad_row)
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     tokenized = rewardbench.tokenize_prompts(prompts, tokenizer, data, cfg.max_length, cfg.truncation)

@@ -15,19 +15,18 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from rmtorch.accelerator import launch_accelerator
 from rmtorch.attention import use_block_attention
 from rmtorch.batching import EpochSampler, LengthGroupedBatchSampler, PackedPairCollator, PairCollator, model_inputs
 from rmtorch.builtin_data import builtin_pairs
@@ -61,36 +60,13 @@ MAX_NONFINITE_STEPS_IN_A_ROW = 5
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The Accelerator of this launch: one process, DDP, FSDP or DeepSpeed, on GPUs or on CPU processes (gloo).
-
-    Accelerate 1.15 needs help on a machine without GPU: it connects CPU processes only with cpu=True (a config
-    file's use_cpu does not reach FSDP or multi-GPU launches), DeepSpeed only with the backend named (cpu=True would
-    turn DeepSpeed off), and it turns FSDP on for accelerators only, though FSDP2 shards on CPU too.
-    """
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    on_cpu = not torch.accelerator.is_available()
-    # The scheduler is stepped by hand once per optimizer step; prepare() only makes it part of save_state.
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cfg.bf16 else "no",
-        step_scheduler_with_optimizer=False, log_with=tracker_names(cfg.report_to) or None,
-        project_dir=str(Path(cfg.output_dir) / "trackers"), cpu=on_cpu and not deepspeed,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and deepspeed else None,
+    """The Accelerator of this launch (one process, DDP, FSDP or DeepSpeed; GPUs or CPU processes). The scheduler is
+    stepped by hand once per optimizer step; prepare() only makes it part of the checkpoints."""
+    return launch_accelerator(
+        mixed_precision="bf16" if cfg.bf16 else "no", grad_accum=cfg.grad_accum, batch_size=cfg.batch_size,
+        max_grad_norm=cfg.max_grad_norm, step_scheduler_with_optimizer=False,
+        log_with=tracker_names(cfg.report_to) or None, project_dir=str(Path(cfg.output_dir) / "trackers"),
     )  # fmt: skip
-    if deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
-        raise SystemExit("error: ACCELERATE_USE_CPU=1 turns DeepSpeed off; launch the DeepSpeed config without it.")
-    if deepspeed:  # DeepSpeed batches, accumulates and clips in its engine: the command line's numbers win there too
-        accelerator.gradient_accumulation_steps = cfg.grad_accum
-        accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-            gradient_clipping=cfg.max_grad_norm or 0.0,
-        )  # fmt: skip
-    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
-        plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as Accelerate does
-        if accelerator.mixed_precision != "no":
-            plugin.set_mixed_precision(accelerator.mixed_precision)
-        accelerator.state.fsdp_plugin, accelerator.state.distributed_type = plugin, DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what barriers and gathers read
-    return accelerator
 
 
 def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[RewardModel, object]:

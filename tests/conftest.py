@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -236,3 +239,85 @@ def assert_real_png(path: Path) -> Path:
     assert pixels.var() > 0
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
     return path
+
+
+# ------------------------------------------------------------------------------------------- several processes
+
+CONFIGS = REPO_ROOT / "configs"
+LAUNCH_TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(config: str) -> list[str]:
+    """The command that starts train.py under `configs/<config>` (2 processes) on a free port; options follow."""
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    return [accelerate, "launch", "--config_file", str(CONFIGS / config), "--main_process_port", str(free_port())] + [
+        "train.py"
+    ]
+
+
+def launch(config: str, argv: list[str], check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run train.py under `config` in 2 CPU processes, one torch thread each (the machine is shared)."""
+    result = subprocess.run(
+        accelerate_launch(config) + argv,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{config} launch failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def launch_and_kill(config: str, argv: list[str], kill_after: int) -> int:
+    """Start train.py under `config`, SIGKILL the launcher and all its processes at once (as when the machine dies)
+    once a checkpoint of step `kill_after` or later exists; return the step of the newest checkpoint left."""
+    output_dir = Path(argv[argv.index("--output_dir") + 1])
+    process = subprocess.Popen(
+        accelerate_launch(config) + argv,
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        deadline = time.time() + LAUNCH_TIMEOUT
+        while latest_step(output_dir) < kill_after:
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "the run made no progress"
+            time.sleep(0.005)
+    finally:
+        import psutil
+
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        for member in tree:
+            member.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (output_dir / "model.safetensors").exists()
+    return latest_step(output_dir)
+
+
+def latest_step(output_dir: Path) -> int:
+    try:
+        return int((output_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step-"))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def assert_same_weights(dir_a: Path, dir_b: Path, atol: float = 1e-6) -> None:
+    """The model.safetensors of two runs hold the same tensors, within atol."""
+    from safetensors.torch import load_file
+
+    weights_a, weights_b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        torch.testing.assert_close(
+            weights_b[name], weights_a[name], rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
+        )

@@ -19,8 +19,16 @@ import torch
 from safetensors.torch import load_file
 
 from rmtorch.checkpoint import LOOP_STATE_FILE, resolve_checkpoint
-from tests.conftest import REPO_ROOT, pair_rows, read_jsonl, train_argv, write_jsonl
-from tests.integration.test_fsdp import assert_same_weights, launch, launch_and_kill
+from tests.conftest import (
+    REPO_ROOT,
+    assert_same_weights,
+    launch,
+    launch_and_kill,
+    pair_rows,
+    read_jsonl,
+    train_argv,
+    write_jsonl,
+)
 
 pytest.importorskip("deepspeed", reason="pip install deepspeed (CPU works: the tests run it on gloo)")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,15 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, pair_rows, train_argv, write_jsonl
+from tests.conftest import REPO_ROOT, free_port, pair_rows, train_argv, write_jsonl
 
 NUM_EVAL_PAIRS = 7  # odd: the processes get different numbers of eval rows, and no row may count twice
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(command: list[str], **env) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from rmtorch.checkpoint import LOOP_STATE_FILE, resolve_checkpoint, save_checkpoint, truncate_metrics
 from rmtorch.loss import pairwise_loss
-from tests.conftest import REPO_ROOT, pair_rows, run_script, train_argv, write_jsonl
+from tests.conftest import REPO_ROOT, assert_same_weights, latest_step, pair_rows, run_script, train_argv, write_jsonl
 
 MAX_STEPS = 30  # 12 training pairs, 2 per batch: 6 steps an epoch, so a kill lands in any of 5 epochs
 
@@ -62,26 +62,9 @@ def uninterrupted(setup):
     return output_dir
 
 
-def assert_same_weights(dir_a: Path, dir_b: Path, atol: float = 1e-6):
-    weights_a, weights_b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
-    assert weights_a.keys() == weights_b.keys()
-    for name in weights_a:
-        torch.testing.assert_close(
-            weights_a[name], weights_b[name], rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
-        )
-
-
 def train_steps_logged(output_dir: Path) -> list[int]:
     lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [line["step"] for line in lines if "loss" in line]
-
-
-def latest_step(output_dir: Path) -> int:
-    pointer = output_dir / "checkpoints" / "latest"
-    try:
-        return int(pointer.read_text().strip().removeprefix("step-"))
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 @pytest.mark.slow

@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import zipfile
 from pathlib import Path
 
 LOOP_STATE_FILE = "loop_state.json"
@@ -30,7 +32,8 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step-"))
+    """N of a step-N checkpoint directory (also of the .old-step-N copy a replacing save keeps)."""
+    return int(path.name.rsplit("step-", 1)[-1])
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_last: int = 2) -> Path:
@@ -80,7 +83,11 @@ def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_
 
 
 def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
-    """'latest' → the checkpoint named by output_dir/checkpoints/latest; otherwise the given directory."""
+    """'latest' → the checkpoint named by output_dir/checkpoints/latest; otherwise the given directory.
+
+    A checkpoint with a damaged file (cut short by a full disk, a copy, a crash of the storage) is refused with
+    the file named; with 'latest', the newest older intact checkpoint is used instead, and a warning says so.
+    """
     root = checkpoints_dir(output_dir)
     if resume_from == "latest":
         pointer = root / "latest"
@@ -99,7 +106,51 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
         raise FileNotFoundError(
             f"{path} is not a complete rmtorch checkpoint (no {LOOP_STATE_FILE}). Pass a step-* directory or 'latest'."
         )
-    return path
+    damaged = damaged_file(path)
+    if damaged is None:
+        return path
+    try:  # the older checkpoints next to it, newest first
+        step = _step_of(path)
+        older = [p for p in sorted(path.parent.glob("step-*"), key=_step_of, reverse=True) if _step_of(p) < step]
+    except ValueError:  # not a step-N directory
+        older = []
+    intact = next((p for p in older if (p / LOOP_STATE_FILE).exists() and damaged_file(p) is None), None)
+    if resume_from != "latest" or intact is None:
+        raise ValueError(
+            f"{damaged} is damaged ({damaged_reason(damaged)}), so checkpoint {path.name} cannot be resumed. "
+            + (f"Resume from an older one ({', '.join(p.name for p in older)})." if older else "Start a new run.")
+        )
+    print(
+        f"warning: {damaged} is damaged ({damaged_reason(damaged)}); resuming from {intact.name} instead.",
+        file=sys.stderr,
+    )
+    return intact
+
+
+def damaged_reason(file: Path) -> str:
+    return "not a complete safetensors file" if file.suffix == ".safetensors" else "not a complete torch archive"
+
+
+def damaged_file(path: Path) -> Path | None:
+    """The first file of a checkpoint that cannot be read whole: safetensors whose header does not cover the file,
+    torch archives (optimizer, scheduler, random states) that are not complete zip files. None when all are."""
+    from safetensors import safe_open
+
+    for file in sorted(path.rglob("*")):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, "pt"):
+                    pass
+            except Exception:  # safetensors raises its own SafetensorError for a cut file
+                return file
+        elif file.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                with zipfile.ZipFile(file) as archive:
+                    if archive.testzip() is not None:
+                        return file
+            except zipfile.BadZipFile:
+                return file
+    return None
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:

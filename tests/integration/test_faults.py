@@ -231,3 +231,23 @@ def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
     metrics.write_text('{"step": 1, "loss": 1}\n{"step": 2, "eval_loss": 1}\n{"step": 3, "loss": 1}\n{"step": 4, "lo')
     truncate_metrics(metrics, 2)
     assert metrics.read_text() == '{"step": 1, "loss": 1}\n{"step": 2, "eval_loss": 1}\n'
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, accelerator, capsys):
+    accelerator.prepare(torch.nn.Linear(2, 1), torch.optim.AdamW(torch.nn.Linear(2, 1).parameters()))
+    for step in (1, 2):
+        save_checkpoint(accelerator, tmp_path, {"step": step})
+    weights = tmp_path / "checkpoints" / "step-000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])  # cut short: a full disk, an interrupted copy
+    assert resolve_checkpoint("latest", tmp_path).name == "step-000001"
+    assert (
+        f"warning: {weights} is damaged (not a complete safetensors file); resuming from step-000001"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(
+        ValueError, match=r"step-000002/model\.safetensors is damaged .* Resume from an older one \(step-000001\)"
+    ):
+        resolve_checkpoint(str(weights.parent), tmp_path)
+    (tmp_path / "checkpoints" / "step-000001" / "optimizer.bin").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(ValueError, match=r"step-000002/model\.safetensors is damaged .* Resume from an older one"):
+        resolve_checkpoint("latest", tmp_path)  # no intact checkpoint left: the damaged file is named

@@ -15,6 +15,7 @@ bucket (a power of two), so the kernel and the mask compile once per bucket.
 from __future__ import annotations
 
 import functools
+import itertools
 from contextlib import contextmanager
 
 import torch
@@ -47,12 +48,13 @@ def block_attention(module, query, key, value, attention_mask, attention_blocks=
         raise ValueError(f"A packed batch is one row; got {query.shape[0]} rows with attention_blocks.")
     sizes = [end - start for start, end, _, _ in attention_blocks]
     block_of = {(start, end): i for i, (start, end, _, _) in enumerate(attention_blocks)}
-    if [start for start, *_ in attention_blocks] != [sum(sizes[:i]) for i in range(len(sizes))] or sum(
-        sizes
-    ) != query.shape[2]:
+    starts = [start for start, *_ in attention_blocks]
+    if starts != list(itertools.accumulate(sizes, initial=0))[:-1] or sum(sizes) != query.shape[2]:
         raise ValueError("attention_blocks must cover the packed row in order, block after block (rmtorch.batching).")
-    dtype = query.dtype
-    compute_dtype = attention_dtype(query.device, dtype, query.shape[1], query.shape[-1])
+    dtype, device = query.dtype, query.device
+    # Under autocast the rotary embedding has upcast q and k to fp32: the choice is autocast's dtype or fp32.
+    wanted = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
+    compute_dtype = attention_dtype(device, wanted, query.shape[1], query.shape[-1])
     queries, keys, values = (t.to(compute_dtype).split(sizes, dim=2) for t in (query, key, value))
     dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
     outputs = []
@@ -81,13 +83,14 @@ def block_attention(module, query, key, value, attention_mask, attention_blocks=
 
 @functools.cache
 def attention_dtype(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> torch.dtype:
-    """The dtype packed attention computes in: `dtype`, except that on a CPU where the block loop runs faster in
-    fp32 than in bf16/fp16 (some CPUs lack fast half-precision attention kernels), fp32. Measured once per
-    process and shape, on the machine in hand: the answer differs between CPUs."""
+    """The dtype packed attention computes in on this machine: on a GPU, `dtype`; on a CPU, a half-precision
+    `dtype` only where its block loop measures clearly faster than fp32 (at least 15%: CPUs with AMX do, others
+    may not), else fp32. Measured once per process and shape, on the machine in hand; the margin keeps the choice
+    the same from run to run on one machine, so a resumed bf16 run computes as the run it continues."""
     if device.type != "cpu" or dtype == torch.float32:
         return dtype
-    timings = {candidate: _time_block_loop(candidate, heads, head_dim) for candidate in (dtype, torch.float32)}
-    return min(timings, key=timings.get)
+    half, full = _time_block_loop(dtype, heads, head_dim), _time_block_loop(torch.float32, heads, head_dim)
+    return dtype if half < 0.85 * full else torch.float32
 
 
 def _time_block_loop(dtype: torch.dtype, heads: int, head_dim: int, blocks: int = 8, length: int = 128) -> float:

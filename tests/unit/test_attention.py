@@ -131,3 +131,20 @@ def test_on_cuda_packed_rewards_and_gradients_equal_the_padded_path(dtype):
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=tolerance)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("half_time, chosen", [(0.5, torch.bfloat16), (0.9, torch.float32), (1.2, torch.float32)])
+def test_cpu_attention_precision_follows_the_measurement(monkeypatch, half_time, chosen):
+    """Half precision only where this machine's block loop is clearly (>= 15%) faster in it; a GPU keeps its dtype."""
+    from rmtorch import attention
+
+    monkeypatch.setattr(
+        attention, "_time_block_loop", lambda dtype, heads, dim: half_time if dtype == torch.bfloat16 else 1.0
+    )
+    attention.attention_dtype.cache_clear()
+    try:
+        assert attention.attention_dtype(torch.device("cpu"), torch.bfloat16, 4, 8) == chosen
+        assert attention.attention_dtype(torch.device("cpu"), torch.float32, 4, 8) == torch.float32
+        assert attention.attention_dtype(torch.device("cuda"), torch.bfloat16, 4, 8) == torch.bfloat16
+    finally:
+        attention.attention_dtype.cache_clear()

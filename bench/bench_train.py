@@ -203,6 +203,8 @@ def run_rmtorch(
             str(bf16).lower(),
             "--log_every",
             "1000",
+            "--cpu_threads",
+            str(torch.get_num_threads()),  # the bench's thread count, as TRL gets (train.py would take every core)
             *flags,
         ]
     )

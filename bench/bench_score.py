@@ -44,6 +44,7 @@ from machine import cpu_description, cpu_info, matmul_peak_gflops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DATA_FILE = REPO_ROOT.parent / "shared" / "data" / "r1_gsm8k" / "r1_distill_qwen32b_gsm8k_labeled.jsonl"
 
 
@@ -67,6 +68,24 @@ def get_rewards_batch(model, tokenizer, prompts, completions) -> torch.Tensor:
     with torch.no_grad():
         batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=False)
         return model(**batch).logits[:, 0].float()
+
+
+def executed_tokens(sequences, prompt_lengths, budget: int) -> dict[str, int]:
+    """Token positions each rmtorch variant runs through the model: packed, a shared prompt laid out once per group;
+    padded, every micro-batch's rows x its longest row."""
+    from rmtorch.batching import plan_packed, plan_padded
+
+    packed = sum(
+        sum(len(sequences[i]) for i in group.rows) - group.shared * (len(group.rows) - 1)
+        for batch in plan_packed(sequences, prompt_lengths, budget)
+        for group in batch
+    )
+    padded = sum(
+        len(group.rows) * max(len(sequences[i]) for i in group.rows)
+        for batch in plan_padded(sequences, prompt_lengths, budget)
+        for group in batch
+    )
+    return {"rmtorch packed+shared": packed, "rmtorch padded": padded}
 
 
 def timed(fn) -> tuple[torch.Tensor, float, float]:
@@ -126,6 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     tokens = sum(len(ids) for ids in sequences)
     padded_tokens = len(sequences) * max(len(ids) for ids in sequences)
+    executed = executed_tokens(sequences, [len(ids) for ids in split.prompt_ids], args.max_tokens_per_batch)
+    executed["seed get_rewards_batch"] = padded_tokens
+    embedding = model.get_input_embeddings().weight
+    flops_per_token = 2 * sum(p.numel() for p in model.parameters() if p is not embedding)  # matmul FLOPs
 
     rows, rewards = {}, {}
     for precision in args.precision:  # each precision: the seed and rmtorch in the same precision, alternating
@@ -143,23 +166,40 @@ def main(argv: list[str] | None = None) -> dict:
             f"In fp32 rmtorch's rewards differ from the seed's by {deviation['fp32']} (> 1e-3); the timings would "
             "compare different work."
         )
+    peaks = {precision: matmul_peak_gflops(PRECISIONS[precision]) for precision in args.precision}
     print(
         f"\n{len(sequences)} rows ({args.prompts} prompts x {args.generations}), {tokens} tokens ({padded_tokens} "
         f"padded in one batch), {args.threads} thread(s), best of {args.rounds} rounds\n{cpu_description()}; matmul "
-        f"peak fp32 {matmul_peak_gflops(torch.float32):.1f} GFLOP/s, bf16 {matmul_peak_gflops(torch.bfloat16):.1f}"
+        f"peak " + ", ".join(f"{precision} {peak:.1f} GFLOP/s" for precision, peak in peaks.items())
     )
     print(
         f"{'variant':24s} {'precision':9s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'x seed (wall)':>14s} "
-        f"{'x seed (cpu)':>13s} {'max |diff| vs fp32 seed':>24s}"
+        f"{'x seed (cpu)':>13s} {'executed':>9s} {'of peak':>8s} {'max |diff| vs fp32 seed':>24s}"
     )
+    ceilings = {}
     for precision, by_name in rows.items():
         for name, row in by_name.items():
+            # Matmul FLOPs of the token positions this variant ran, over its CPU time, as a share of the peak.
+            row["peak_fraction"] = executed[name] * flops_per_token / row["cpu_s"] / 1e9 / peaks[precision]
             print(
                 f"{name:24s} {precision:9s} {row['wall_s']:8.2f} {row['cpu_s']:8.2f} {row['tokens_per_s']:9.0f} "
-                f"{row['speedup_wall']:14.2f} {row['speedup_cpu']:13.2f} {deviation[precision][name]:24.1e}"
+                f"{row['speedup_wall']:14.2f} {row['speedup_cpu']:13.2f} {executed[name]:9d} "
+                f"{row['peak_fraction']:8.1%} {deviation[precision][name]:24.1e}"
             )
+        # The most rmtorch's plan could gain: its executed tokens at the full matmul peak, against the seed's time.
+        ceiling = by_name[seed_name]["cpu_s"] / (
+            executed["rmtorch packed+shared"] * flops_per_token / 1e9 / peaks[precision]
+        )
+        print(f"{precision}: rmtorch's packed plan at 100% of the matmul peak would be {ceiling:.2f}x the seed")
+        ceilings[precision] = ceiling
     summary = {
-        "score_setup": {**vars(args), "rows": len(sequences), "tokens": tokens, "padded_tokens": padded_tokens},
+        "score_setup": {
+            **vars(args),
+            "rows": len(sequences),
+            "tokens": tokens,
+            "padded_tokens": padded_tokens,
+            "executed_tokens": executed["rmtorch packed+shared"],
+        },  # fmt: skip
         "score_machine": cpu_info(),
     }
     for precision, by_name in rows.items():
@@ -169,6 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
         summary[f"score_speedup_vs_seed{suffix}"] = fast["speedup_cpu"]
         summary[f"score_speedup_vs_seed_wall{suffix}"] = fast["speedup_wall"]
         summary[f"score_padded_speedup_vs_seed{suffix}"] = padded["speedup_cpu"]
+        summary[f"score_peak_fraction{suffix}"] = fast["peak_fraction"]
+        summary[f"score_seed_peak_fraction{suffix}"] = by_name[seed_name]["peak_fraction"]
+        summary[f"score_speedup_ceiling{suffix}"] = ceilings[precision]
         summary[f"score_tokens_per_s{suffix}"] = fast["tokens_per_s"]
         summary[f"score_seed_tokens_per_s{suffix}"] = by_name[seed_name]["tokens_per_s"]
         summary[f"score_max_reward_diff{suffix}"] = deviation[precision]["rmtorch packed+shared"]

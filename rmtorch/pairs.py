@@ -30,16 +30,13 @@ LEGACY_ID_COLUMNS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "re
 MAX_BAD_ROW_MESSAGES = 20
 
 
-@dataclass
-class TokenizeReport:
-    """What tokenize_pairs did to the rows it was given; nothing is dropped without a count here."""
+@dataclass(kw_only=True)
+class RowCounts:
+    """Counts every reader keeps: rows in, rows dropped or cut, and the messages of skipped bad rows."""
 
     rows_in: int = 0
-    pairs_out: int = 0
     dropped_too_long: int = 0
     truncated: int = 0
-    truncated_prompt_tokens: int = 0  # prompt tokens cut by keep_end, all pairs together
-    truncated_within_turn: int = 0  # conversations whose cut fell inside a turn (no whole turn was short enough)
     skipped_bad: int = 0
     bad_rows: list[str] = field(default_factory=list)  # messages of skipped rows (the first 20)
 
@@ -47,6 +44,15 @@ class TokenizeReport:
         self.skipped_bad += 1
         if len(self.bad_rows) < MAX_BAD_ROW_MESSAGES:
             self.bad_rows.append(message)
+
+
+@dataclass(kw_only=True)
+class TokenizeReport(RowCounts):
+    """What tokenize_pairs did to the rows it was given; nothing is dropped without a count here."""
+
+    pairs_out: int = 0
+    truncated_prompt_tokens: int = 0  # prompt tokens cut by keep_end, all pairs together
+    truncated_within_turn: int = 0  # conversations whose cut fell inside a turn (no whole turn was short enough)
 
     def summary(self) -> str:
         text = f"{self.pairs_out}/{self.rows_in} pairs kept"

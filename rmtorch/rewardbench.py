@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
 from rmtorch.files import PairDataError, Rows, write_json, write_jsonl
 from rmtorch.outputs import write_marker
-from rmtorch.pairs import adds_bos, common_prefix_length, prompt_ids, tokenize_response
+from rmtorch.pairs import RowCounts, adds_bos, common_prefix_length, prompt_ids, tokenize_response
 from rmtorch.report import FIGSIZE, save_figure
 
 # ------------------------------------------------------------------------------------------------- the facts
@@ -93,7 +93,6 @@ FIELDS = {
     "rewardbench": ("prompt", "chosen", "rejected", "subset", "id"),
     "rewardbench2": ("prompt", "chosen", "rejected", "num_correct", "subset", "id"),
 }
-MAX_BAD_ROW_MESSAGES = 20
 
 
 # --------------------------------------------------------------------------------------------------- rows
@@ -111,22 +110,13 @@ class Prompt:
     num_correct: int
 
 
-@dataclass
-class DataReport:
-    """What reading and tokenizing did to the rows; nothing is left out without a count here."""
+@dataclass(kw_only=True)
+class DataReport(RowCounts):
+    """What reading and tokenizing did to the rows; nothing is left out without a count here.
+    `truncated`: rows whose prompt was cut from the left (keep_end)."""
 
     source: str
-    rows_in: int = 0
     rows_scored: int = 0
-    skipped_bad: int = 0
-    dropped_too_long: int = 0
-    truncated: int = 0  # rows whose prompt was cut from the left (keep_end)
-    bad_rows: list[str] = field(default_factory=list)  # messages of skipped rows (the first 20)
-
-    def skip(self, message: str) -> None:
-        self.skipped_bad += 1
-        if len(self.bad_rows) < MAX_BAD_ROW_MESSAGES:
-            self.bad_rows.append(message)
 
     def summary(self) -> str:
         text = f"{self.rows_scored}/{self.rows_in} rows scored"
@@ -238,7 +228,7 @@ def read_prompts(rows: Rows, benchmark: str, on_bad_row: str = "error") -> tuple
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"benchmark must be one of {', '.join(BENCHMARKS)}, got {benchmark!r}.")
-    report = DataReport(rows.source, rows_in=len(rows) + len(rows.bad_rows))
+    report = DataReport(source=rows.source, rows_in=len(rows) + len(rows.bad_rows))
     for message in rows.bad_rows:
         report.skip(message)
     prompts, ties_ids = [], {}

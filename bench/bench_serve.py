@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import re
 import signal
 import statistics
@@ -53,6 +52,7 @@ from bench_score import DATA_FILE, grpo_load
 from benchlib import RESULTS_FILE, run_benchmark, write_results
 from fastapi import FastAPI, Request  # at module level: the handlers' annotations are resolved here
 from fastapi.responses import JSONResponse
+from machine import cpu_description, cpu_info
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -157,17 +157,29 @@ class Rows:
     prompts: list[str]  # the prompt texts, with the generation prompt
     tokens: list[int]  # each text's tokens (add_special_tokens=False)
     groups: list[list[int]]  # row indices of each prompt's completions
+    shared_tokens: int  # the tokens left when each group's common prefix is counted once
+
+    def sharing_ceiling(self) -> float:
+        """The most that computing each group's common prefix once can save: the rows' tokens over the tokens left
+        (on a CPU a forward's cost per token barely depends on the batch, so this bounds the speedup there)."""
+        return sum(self.tokens) / self.shared_tokens
 
 
 def build_rows(tokenizer, args) -> Rows:
+    from rmtorch.pairs import common_prefix_length
+
     prompts, completions = grpo_load(
         tokenizer, args.prompts, args.generations, args.min_completion, args.max_completion, args.seed
     )
     texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
     prompt_texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    tokens = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     groups = [list(range(start, start + args.generations)) for start in range(0, len(texts), args.generations)]
-    return Rows(texts, prompt_texts, tokens, groups)
+    shared_tokens = 0
+    for group in groups:
+        prefix = min(common_prefix_length(ids[group[0]], ids[row]) for row in group[1:]) if len(group) > 1 else 0
+        shared_tokens += sum(len(ids[row]) for row in group) - prefix * (len(group) - 1)
+    return Rows(texts, prompt_texts, [len(row) for row in ids], groups, shared_tokens)
 
 
 def requests_of(rows: Rows, style: str, model: str) -> list[tuple[str, dict, list[int]]]:
@@ -296,10 +308,12 @@ def summarize(runs: list[Run], max_diff: float, args, rows: Rows) -> dict:
             **{k: v for k, v in vars(args).items() if k != "serve_baseline"},
             "rows": len(rows.texts),
             "tokens": sum(rows.tokens),
+            "shared_tokens": rows.shared_tokens,
             "precision": "fp32",
-            "machine": platform.processor() or platform.machine(),
+            "machine": cpu_info(),
             "cpus": os.cpu_count(),
         },
+        "serve_sharing_ceiling": rows.sharing_ceiling(),
     }
 
 
@@ -313,7 +327,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as directory:
         model, tokenizer = saved_model(args.model, Path(directory), args.seed)
         rows = build_rows(tokenizer, args)
-        print(f"{len(rows.texts)} rows ({args.prompts} prompts x {args.generations}), {sum(rows.tokens)} tokens")
+        print(
+            f"{len(rows.texts)} rows ({args.prompts} prompts x {args.generations}), {sum(rows.tokens)} tokens, "
+            f"{rows.shared_tokens} with each prompt once (sharing ceiling {rows.sharing_ceiling():.2f}x)\n"
+            f"{cpu_description()}, {os.cpu_count()} CPUs"
+        )
         runs, rewards = [], {"baseline": {}, "rmtorch": {}}
         commands = server_commands(model, args)
         # Both servers stay up (an idle one costs nothing) and each setting runs them back to back, in alternating

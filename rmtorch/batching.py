@@ -266,7 +266,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     Takes the epoch's order from `sampler` (an EpochSampler), sorts each window of `batch_size * window_batches`
     rows longest first, cuts it into batches and shuffles the batches (with shuffle on), so batch composition
-    still changes from epoch to epoch. Accelerate's set_epoch reaches the inner sampler through `.sampler`.
+    still changes from epoch to epoch. A short batch stays last: with several processes, Accelerate's
+    BatchSamplerShard drops a whole round whose last batch is short unless it is the final one.
+    Accelerate's set_epoch reaches the inner sampler through `.sampler`.
     """
 
     def __init__(self, sampler: EpochSampler, lengths: Sequence[int], batch_size: int, window_batches: int = 50):
@@ -286,7 +288,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
             batches += [window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)]
         if self.sampler.shuffle:
             generator = torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch)
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+            short = batches[-1:] if batches and len(batches[-1]) < self.batch_size else []
+            full = batches[: len(batches) - len(short)]
+            batches = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()] + short
         return iter(batches)
 
     def __len__(self):

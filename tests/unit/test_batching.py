@@ -86,6 +86,19 @@ def test_length_grouped_order_depends_only_on_seed_and_epoch():
     assert list(unshuffled)[0] == [39, 38, 37, 36]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_length_grouped_batches_reach_every_process_under_accelerates_sharding(seed):
+    """With several processes Accelerate wraps the batch sampler in BatchSamplerShard, which drops a whole round
+    whose last batch is short unless it comes last: the short batch must stay last, so no pair is lost."""
+    from accelerate.data_loader import BatchSamplerShard
+
+    sampler = LengthGroupedBatchSampler(EpochSampler(21, seed=seed), list(range(21)), batch_size=4)
+    shards = [BatchSamplerShard(sampler, num_processes=2, process_index=rank) for rank in range(2)]
+    seen = [row for shard in shards for batch in shard for row in batch]
+    assert set(seen) == set(range(21))
+    assert [len(list(shard)) for shard in shards] == [len(shard) for shard in shards]
+
+
 def test_packed_collator_shares_the_stored_prompt_length():
     pair = {"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 3, 5], "prompt_length": 2}  # responses share token 3
     batch = PackedPairCollator()([pair])

@@ -99,12 +99,14 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
 
 def build_data(cfg: TrainConfig, tokenizer) -> tuple:
     """(train pairs, eval pairs, data report): validated and tokenized before anything is written."""
-    if cfg.train_file is None:  # the built-in dataset: its last rows are held out
+    if cfg.train_file is None:  # the built-in dataset: its last rows are held out, unless --eval_file is given
         rows = Rows(builtin_pairs(cfg.builtin_size, seed=cfg.seed), "built-in dataset")
-        num_eval = max(1, int(len(rows) * cfg.eval_fraction))
-        train_rows, eval_rows = (
-            rows.select(range(len(rows) - num_eval)),
-            rows.select(range(len(rows) - num_eval, len(rows))),
+        num_eval = 0 if cfg.eval_file is not None else max(1, int(len(rows) * cfg.eval_fraction))
+        train_rows = rows.select(range(len(rows) - num_eval))
+        eval_rows = (
+            read_rows(cfg.eval_file, cfg.on_bad_row)
+            if cfg.eval_file is not None
+            else rows.select(range(len(rows) - num_eval, len(rows)))
         )
     else:
         train_rows = read_rows(cfg.train_file, cfg.on_bad_row)
@@ -155,7 +157,7 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     """Linear warm-up, then linear, cosine or constant."""
     from transformers import get_scheduler  # imports bitsandbytes: after cli.run has quieted its kernel warning
 
-    warmup_steps = cfg.warmup_steps or int(cfg.warmup_ratio * total_steps)
+    warmup_steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # rounded up, as transformers
     schedule = cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup"
     return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 

@@ -165,3 +165,34 @@ def test_gradient_norm_of_every_engine_is_handled(value):
 
     norm = grad_norm_tensor(value)
     assert norm is None if value is None else (isinstance(norm, torch.Tensor) and norm.item() == 2.5)
+
+
+@pytest.mark.parametrize("total_steps", [10, 19, 113])
+def test_warm_up_steps_from_a_ratio_are_rounded_up_as_transformers_does(total_steps):
+    from transformers import TrainingArguments
+
+    from rmtorch.config import TrainConfig
+    from train import build_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(TrainConfig(warmup_ratio=0.05), optimizer, total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = TrainingArguments(output_dir="unused", warmup_steps=0.05).get_warmup_steps(total_steps)
+    assert lrs.index(max(lrs)) == expected  # the peak is reached right after the warm-up steps
+
+
+def test_an_eval_file_with_the_built_in_data_is_used_and_nothing_is_held_out(tmp_path):
+    from rmtorch.builtin_data import builtin_pairs
+    from rmtorch.config import TrainConfig
+    from tests.conftest import make_bos_tokenizer
+    from train import build_data
+
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", pair_rows(5, seed=3))
+    cfg = TrainConfig(eval_file=str(eval_file), builtin_size=40)
+    train_set, eval_set, report = build_data(cfg, make_bos_tokenizer())
+    assert len(eval_set) == 5 and report["eval"]["rows_in"] == 5
+    assert len(train_set) == report["train"]["rows_in"] == len(builtin_pairs(40, seed=cfg.seed))

@@ -48,14 +48,26 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DATA_FILE = REPO_ROOT.parent / "shared" / "data" / "r1_gsm8k" / "r1_distill_qwen32b_gsm8k_labeled.jsonl"
 
 
-def grpo_load(tokenizer, num_prompts: int, generations: int, min_tokens: int, max_tokens: int, seed: int):
-    """(prompts, completions) as GRPO passes them: message lists, each prompt's completions adjacent."""
-    rows = [json.loads(line) for line in DATA_FILE.read_text().splitlines()[:num_prompts]]
+def grpo_load(
+    tokenizer, num_prompts: int, generations: int, min_tokens: int, max_tokens: int, seed: int, distinct: bool = False
+):
+    """(prompts, completions) as GRPO passes them: message lists, each prompt's completions adjacent. Completions
+    are cut from the prompt's own R1 trace, so a group's completions also share their first tokens; with
+    `distinct`, each completion is cut from the trace of another question (the rows after the prompts'), so that
+    a group shares its prompt and nothing more, as sampled completions mostly do."""
+    lines = DATA_FILE.read_text().splitlines()
+    rows = [json.loads(line) for line in lines[:num_prompts]]
+    others = [json.loads(line) for line in lines[num_prompts:]] if distinct else []
+    if distinct and len(others) < num_prompts * generations:
+        raise ValueError(f"{DATA_FILE} has too few rows for {num_prompts} x {generations} distinct completions.")
     rng = random.Random(seed)
     prompts, completions = [], []
-    for row in rows:
-        trace_ids = tokenizer(text=row["reasoning"] + "\n\n" + row["answer"], add_special_tokens=False)["input_ids"]
-        for _ in range(generations):
+    for index, row in enumerate(rows):
+        for generation in range(generations):
+            source = others[index * generations + generation] if distinct else row
+            trace_ids = tokenizer(text=source["reasoning"] + "\n\n" + source["answer"], add_special_tokens=False)[
+                "input_ids"
+            ]
             length = rng.randint(min_tokens, max_tokens)
             prompts.append([{"role": "user", "content": row["question"]}])
             completions.append([{"role": "assistant", "content": tokenizer.decode(trace_ids[:length])}])

@@ -5,7 +5,8 @@
     pytest bench/ --benchmark-only                  # the same through pytest-benchmark (RMTORCH_BENCH_ARGS)
 
 Load: bench_score's GRPO rows (the first `--prompts` GSM8K questions of ../shared/data/r1_gsm8k, each with
-`--generations` completions cut from its real R1 trace at [`--min_completion`, `--max_completion`] tokens), sent as
+`--generations` completions cut from real R1 traces at [`--min_completion`, `--max_completion`] tokens, each from
+the trace of another question, so that a group shares its prompt and nothing more), sent as
 RL frameworks send them: full texts, chat template applied. Two request styles:
 - verl: one completion per request, POST /classify {"model", "input": text, "use_activation": false};
 - OpenRLHF: one prompt's group per request, POST /get_reward {"query": texts, "prompts", "labels"}.
@@ -166,19 +167,20 @@ class Rows:
 
 
 def build_rows(tokenizer, args) -> Rows:
-    from rmtorch.pairs import common_prefix_length
+    from rmtorch.batching import shared_prefix_length
 
+    # Distinct completions: a group shares its prompt only (the server would also share any common start).
     prompts, completions = grpo_load(
-        tokenizer, args.prompts, args.generations, args.min_completion, args.max_completion, args.seed
+        tokenizer, args.prompts, args.generations, args.min_completion, args.max_completion, args.seed, distinct=True
     )
     texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
     prompt_texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     groups = [list(range(start, start + args.generations)) for start in range(0, len(texts), args.generations)]
-    shared_tokens = 0
-    for group in groups:
-        prefix = min(common_prefix_length(ids[group[0]], ids[row]) for row in group[1:]) if len(group) > 1 else 0
-        shared_tokens += sum(len(ids[row]) for row in group) - prefix * (len(group) - 1)
+    shared_tokens = sum(
+        sum(len(ids[row]) for row in group) - shared_prefix_length([ids[row] for row in group]) * (len(group) - 1)
+        for group in groups
+    )
     return Rows(texts, prompt_texts, [len(row) for row in ids], groups, shared_tokens)
 
 

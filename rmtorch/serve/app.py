@@ -3,7 +3,8 @@
 Every scoring route turns its request into token-id rows (in a thread of its own, so the event loop keeps
 answering), hands them to the model worker (`rmtorch.serve.batcher`) and answers when its rows are scored. Full
 texts (`/get_reward`, `/classify`) are scored token for token as sent: tokenized with add_special_tokens=False and
-nothing appended, as OpenRLHF's and vLLM's own servers do, so the client's chat template must be the one the reward
+nothing appended, as OpenRLHF's server does and as verl asks of vLLM (vLLM's own default adds special tokens;
+`/classify` takes `add_special_tokens` as vLLM does), so the client's chat template must be the one the reward
 model was trained with. `/score` formats rows as training did (`RewardScorer.split`).
 
 Every error is a JSON body `{"error": {"type": ..., "message": ...}}` with its status: 400 bad request, 401 API
@@ -16,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import logging
 import math
 import secrets
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -41,6 +43,7 @@ from rmtorch.serve.metrics import ServeMetrics
 from rmtorch.thinking import PARTS, SplitCompletions, split_rows
 
 router = APIRouter()
+logger = logging.getLogger(__name__)
 NonEmptyIds = Annotated[list[int], Field(min_length=1)]
 
 
@@ -131,7 +134,9 @@ def describe_validation_error(error: dict) -> str:
     if error["type"] == "value_error":  # the request models' own checks: already a sentence
         return str(error["ctx"]["error"])
     if error["type"] == "missing":
-        return f"{field} is required."
+        return f"{field or 'The request body'} is required: send a JSON object."
+    if isinstance(error["input"], (bytes, str)) and not field:
+        return "The body was not read as JSON: send it with the header 'Content-Type: application/json'."
     got = repr(error["input"])
     got = got if len(got) <= 80 else got[:77] + "..."
     return f"{field or 'The request body'}: {error['msg']} (got {got})."
@@ -144,6 +149,12 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = STATUS_KINDS.get(exc.status_code, "http_error")
     return error_response(request.app.state.serve.metrics, exc.status_code, kind, str(exc.detail), exc.headers)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("Unexpected error answering %s", request.url.path)
+    message = f"The server failed on this request: {exc!r}. The server log has the traceback."
+    return error_response(request.app.state.serve.metrics, 500, "internal_error", message)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -178,10 +189,10 @@ class BodyLimit:
     def __init__(self, app, max_bytes: int, metrics: ServeMetrics):
         self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
 
-    def _message(self, size: int) -> str:
+    def _message(self, size: str) -> str:
         return (
-            f"The request body has {'more than ' if size <= self.max_bytes else ''}{max(size, self.max_bytes + 1)} "
-            f"bytes; the server takes at most {self.max_bytes} (--max_body_mb). Send fewer rows per request."
+            f"The request body has {size} bytes; the server takes at most {self.max_bytes} (--max_body_mb). Send "
+            "fewer rows per request."
         )
 
     async def __call__(self, scope, receive, send):
@@ -189,7 +200,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            response = error_response(self.metrics, 413, "request_too_large", self._message(int(declared)))
+            response = error_response(self.metrics, 413, "request_too_large", self._message(declared))
             return await response(scope, receive, send)
         received = 0
 
@@ -198,7 +209,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise ApiError(413, "request_too_large", self._message(received))
+                raise ApiError(413, "request_too_large", self._message(f"more than {self.max_bytes}"))
             return message
 
         await self.app(scope, receive_at_most, send)
@@ -275,6 +286,7 @@ def build_app(scorer: RewardScorer, cfg: ServeConfig, normalizer: RewardNormaliz
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)  # still a JSON error body, and counted
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * 1e6), metrics=metrics)
     if cfg.api_key:
         app.add_middleware(ApiKeyCheck, api_key=cfg.api_key, metrics=metrics)  # added last: checked first
@@ -284,9 +296,17 @@ def build_app(scorer: RewardScorer, cfg: ServeConfig, normalizer: RewardNormaliz
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def check_rows(cfg: ServeConfig, max_length: int | None, sequences: list[list[int]], field: str) -> None:
+def check_rows(
+    cfg: ServeConfig, max_length: int | None, sequences: list[list[int]], field: str, part: str = "full"
+) -> None:
     """400 for a row with no tokens, and with --on_long_row refuse for one longer than max_length."""
     for row, ids in enumerate(sequences):
+        if not ids and part != "full":
+            raise ApiError(
+                400, "invalid_request",
+                f"{field}[{row}] has no tokens in part={part!r}: nothing stands there (no reasoning end token before "
+                "the answer, or nothing after it). Score part='full', or send a prompt with the row.",
+            )  # fmt: skip
         if not ids:
             raise ApiError(400, "invalid_request", f"{field}[{row}] has no tokens: there is nothing to score.")
         if cfg.on_long_row == "refuse" and max_length is not None and len(ids) > max_length:
@@ -297,16 +317,25 @@ def check_rows(cfg: ServeConfig, max_length: int | None, sequences: list[list[in
             )  # fmt: skip
 
 
+@contextmanager
+def answer_seconds(serve: ServeState, endpoint: str):
+    """Times a request's scoring into the latency histogram when it is answered; errors are counted by kind instead
+    (their quick answers would pull the latencies down under overload)."""
+    start = time.perf_counter()
+    yield
+    serve.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - start)
+
+
 async def _client_gone(receive) -> None:
     """Returns when the client disconnects (the body was read, so receive() has nothing else to report)."""
     while (await receive())["type"] != "http.disconnect":
         pass
 
 
-async def score_sequences(request: Request, sequences: list[list[int]], field: str) -> Scored:
+async def score_sequences(request: Request, sequences: list[list[int]], field: str, part: str = "full") -> Scored:
     """Queue the rows, wait for the worker's answer, and map the worker's failures to HTTP errors."""
     serve: ServeState = request.app.state.serve
-    check_rows(serve.cfg, serve.scorer.max_length, sequences, field)
+    check_rows(serve.cfg, serve.scorer.max_length, sequences, field, part)
     try:
         job = serve.batcher.submit(sequences)
     except RequestTooLarge as err:
@@ -373,10 +402,10 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
             f"part={body.part!r} splits completions at the reasoning end token, which this model's tokenizer lacks. "
             "Score part='full'.",
         )  # fmt: skip
-    with serve.metrics.request_seconds.labels("/score").time():
+    with answer_seconds(serve, "/score"):
         split = await serve.prepare(_score_request_split, serve.scorer, body)
         field = "completions" if body.input_ids is None else "input_ids"
-        scored = await score_sequences(request, split.sequences(body.part), field)
+        scored = await score_sequences(request, split.sequences(body.part), field, body.part)
     answer = {"rewards": serve.normalize(scored.rewards), "normalized": serve.normalizer is not None}
     if body.return_details:
         answer["details"] = {
@@ -393,7 +422,7 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
 async def get_reward(body: GetRewardRequest, request: Request) -> JSONResponse:
     """OpenRLHF's remote reward model: {"query": [...]} → {"rewards", "scores", "extra_logs"}."""
     serve: ServeState = request.app.state.serve
-    with serve.metrics.request_seconds.labels("/get_reward").time():
+    with answer_seconds(serve, "/get_reward"):
         sequences = await serve.prepare(_tokenize_texts, serve.scorer.tokenizer, body.query, False)
         scored = await score_sequences(request, sequences, "query")
     rewards = serve.normalize(scored.rewards)
@@ -409,7 +438,7 @@ async def get_reward(body: GetRewardRequest, request: Request) -> JSONResponse:
 async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
     """vLLM's classification API: verl reads `data[-1]["probs"][-1]` (with use_activation false: the reward)."""
     serve: ServeState = request.app.state.serve
-    with serve.metrics.request_seconds.labels("/classify").time():
+    with answer_seconds(serve, "/classify"):
         sequences = await serve.prepare(_tokenize_texts, serve.scorer.tokenizer, body.input, body.add_special_tokens)
         scored = await score_sequences(request, sequences, "input")
     rewards = serve.normalize(scored.rewards)
@@ -438,15 +467,17 @@ def _sigmoid(x: float) -> float:
 
 
 @router.get("/health")
-async def health(request: Request) -> dict:
+async def health(request: Request) -> JSONResponse:
+    """200 while the model worker runs; 503 once it has stopped (a load balancer then routes around it)."""
     serve: ServeState = request.app.state.serve
-    return {
-        "status": "ok",
+    alive = serve.batcher.alive
+    return JSONResponse({
+        "status": "ok" if alive else "model worker stopped",
         "model": serve.cfg.model,
         "max_length": serve.scorer.max_length,
         "normalized": serve.normalizer is not None,
         "queue_tokens": serve.batcher.queued_tokens,
-    }
+    }, status_code=200 if alive else 503)  # fmt: skip
 
 
 @router.get("/metrics")

@@ -149,6 +149,8 @@ class Batcher:
         with self._condition:
             if self._stopping:
                 raise Overloaded("The server is shutting down; send the request to another replica.", retry_after=1)
+            if not self.alive:
+                raise Overloaded("The server's model worker has stopped; send the request to another replica.", 30)
             if self._queued_tokens + tokens > self.max_queue_tokens:
                 raise Overloaded(
                     f"The server is busy: {self._queued_tokens} tokens are waiting and this request adds {tokens} "
@@ -186,9 +188,20 @@ class Batcher:
 
     # ------------------------------------------------------------------------------------ worker thread
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (or has not been started yet)."""
+        return self._thread.is_alive() or self._thread.ident is None
+
     def _work(self) -> None:
         while (jobs := self._next_batch()) is not None:
-            self._score(jobs)
+            try:
+                self._score(jobs)
+            except Exception as err:  # after the forward (results, metrics): answer the batch, keep serving
+                logger.exception("Answering a batch of %d requests failed.", len(jobs))
+                failure = ForwardFailed(f"The server failed while answering the batch holding this request: {err!r}")
+                for job in jobs:  # those already answered keep their answer
+                    job.resolve(error=failure)
 
     def _next_batch(self) -> list[Job] | None:
         """The next requests to score, in arrival order; None once stopping with nothing queued."""

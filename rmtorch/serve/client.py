@@ -12,6 +12,8 @@ import torch
 from rmtorch.score import RewardScorer, ScoreDetails
 
 RETRIED_STATUSES = (429, 500, 502, 503, 504)  # the server may answer the same request later, or another one may
+# A reward is the row's alone: a non-finite one comes back on every try and from every replica.
+FINAL_ERRORS = ("nonfinite_reward",)
 
 
 class RemoteScorer:
@@ -24,8 +26,9 @@ class RemoteScorer:
     The rewards are the server's: normalized when it runs with --normalize (the raw ones are in
     `return_details=True`'s answer, not in ScoreDetails). Each call goes to the next server in turn. A call that cannot
     connect, times out or gets 429/5xx is retried on the next server after a backoff (doubling from `backoff_s`, at
-    least the server's Retry-After), `retries` times; any other error status means the request itself is wrong and
-    raises ValueError with the server's message at once.
+    least the server's Retry-After), `retries` times; any other error status, or a non-finite reward, means the
+    request itself is wrong and raises ValueError with the server's message at once. Connecting to a server waits
+    at most `connect_timeout_s` (a host that drops packets would otherwise hold each attempt for minutes).
     """
 
     def __init__(
@@ -34,6 +37,7 @@ class RemoteScorer:
         *,
         api_key: str | None = None,
         timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
         retries: int = 5,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
@@ -45,7 +49,8 @@ class RemoteScorer:
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self._turn = itertools.count()
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(timeout=timeout_s, headers=headers)
+        timeout = httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
+        self._client = httpx.Client(timeout=timeout, headers=headers)
 
     def __call__(self, prompts, completions, *, part: str = "full", return_details: bool = False):
         """Rewards of N (prompt, completion) rows, (N,) fp32 in input order; see `RewardScorer.__call__`."""
@@ -72,7 +77,7 @@ class RemoteScorer:
 
     def post(self, path: str, body: dict) -> dict:
         """POST `body` as JSON to `path` on the next server, retrying as the class docstring says; the JSON answer."""
-        last_failure = ""
+        last_failure, answered = "", False
         for attempt in range(self.retries + 1):
             url = self.urls[next(self._turn) % len(self.urls)] + path
             wait = 0.0
@@ -83,13 +88,17 @@ class RemoteScorer:
             else:
                 if response.status_code == 200:
                     return response.json()
-                message = _error_message(response)
-                if response.status_code not in RETRIED_STATUSES:
+                kind, message = _error(response)
+                if response.status_code not in RETRIED_STATUSES or kind in FINAL_ERRORS:
                     raise ValueError(f"{url} refused the request ({response.status_code}): {message}")
-                last_failure = f"{url} answered {response.status_code}: {message}"
-                wait = float(response.headers.get("Retry-After", "0") or 0)
+                last_failure, answered = f"{url} answered {response.status_code}: {message}", True
+                wait = _retry_after(response)
             if attempt < self.retries:
                 time.sleep(max(wait, min(self.backoff_s * 2**attempt, self.max_backoff_s)))
+        if answered:
+            raise RuntimeError(
+                f"rmtorch.serve did not score the request in {self.retries + 1} attempts; the last: {last_failure}"
+            )
         raise ConnectionError(
             f"No rmtorch.serve server answered in {self.retries + 1} attempts; the last: {last_failure}"
         )
@@ -104,9 +113,18 @@ class RemoteScorer:
         self.close()
 
 
-def _error_message(response: httpx.Response) -> str:
-    """The message of rmtorch.serve's JSON error body, else the start of the body as text."""
+def _error(response: httpx.Response) -> tuple[str, str]:
+    """(type, message) of rmtorch.serve's JSON error body, else ("", the start of the body as text)."""
     try:
-        return response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return response.text[:500]
+        error = response.json()["error"]
+        return str(error.get("type", "")), error["message"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "", response.text[:500]
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds the server asks to wait; 0 when absent or not a number (a proxy may send an HTTP date)."""
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "0") or 0))
+    except ValueError:
+        return 0.0

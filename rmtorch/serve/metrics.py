@@ -41,7 +41,8 @@ class ServeMetrics:
             "rmtorch_serve_tokens_per_second", "Tokens per second of the last batch.", registry=r
         )
         self.request_seconds = Histogram(
-            "rmtorch_serve_request_seconds", "Time from a scoring request's arrival to its answer.", ["endpoint"],
+            "rmtorch_serve_request_seconds", "Time to answer a scoring request (errors: rmtorch_serve_errors).",
+            ["endpoint"],
             buckets=SECONDS_BUCKETS, registry=r,
         )  # fmt: skip
         self.errors = Counter("rmtorch_serve_errors", "Error responses, by kind.", ["kind"], registry=r)

@@ -34,7 +34,7 @@ from rmtorch.serve import RemoteScorer
 from rmtorch.serve.__main__ import load_config
 from rmtorch.serve.app import build_app, exposure_warning
 from rmtorch.serve.batcher import MIN_SHARED_TOKENS
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, free_port
 from tests.unit.test_score import PROMPTS, RESPONSES, reward_alone
 
 THINK = {"think_start_token": "question", "think_end_token": "think"}  # words of the test vocabulary
@@ -334,8 +334,22 @@ BAD_REQUESTS = [
     ("/score", {"input_ids": [[1, 2]], "prompt_lengths": [2]}, r"prompt_lengths\[0\] is 2"),
     ("/score", {"input_ids": [[5, 10**6]]}, r"input_ids\[0\] holds the id 1000000, outside the model's vocabulary"),
     ("/score", {"input_ids": [[1], []]}, r"input_ids\[1\]: List should have at least 1 item"),
+    ("/score", {"input_ids": [[5, 6, 7]], "part": "thinking"}, r"input_ids\[0\] has no tokens in part='thinking'"),
     ("/score", {"completions": [[{"role": "assistant", "content": "x"}]], "prompts": ["a"]}, "Row 0: prompt is str"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "message"),
+    [
+        ({"Content-Type": "application/json"}, b"", r"The request body is required: send a JSON object\."),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, b'{"query": ["a"]}',
+         "The body was not read as JSON: send it with the header 'Content-Type: application/json'"),
+    ],
+)  # fmt: skip
+def test_an_empty_or_non_json_body_is_named_with_the_fix(server, headers, body, message):
+    response = httpx.post(server.url + "/get_reward", content=body, headers=headers)
+    assert response.status_code == 400 and re.search(message, response.json()["error"]["message"]), response.json()
 
 
 @pytest.mark.parametrize("path, body, message", BAD_REQUESTS)
@@ -485,6 +499,55 @@ def test_a_forward_that_raises_fails_only_its_batch(scorer):
     assert later.json()["rewards"] == earlier.result().json()["rewards"]
 
 
+def test_a_failure_after_the_forward_answers_the_batch_and_the_worker_goes_on(scorer, monkeypatch):
+    with serving(scorer) as live:
+        observe = live.state.metrics.observe_batch
+        calls = []
+
+        def fails_once(*args):
+            calls.append(args)
+            if len(calls) == 1:
+                raise RuntimeError("metrics broke")
+            return observe(*args)
+
+        monkeypatch.setattr(live.state.metrics, "observe_batch", fails_once)
+        failed = live.post("/classify", {"input": ["<s> hello"]})
+        after = live.post("/classify", {"input": ["<s> hello"]})
+        health = httpx.get(live.url + "/health")
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "forward_failed"
+    assert "RuntimeError('metrics broke')" in failed.json()["error"]["message"]
+    assert after.status_code == 200 and health.status_code == 200
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the worker's end, on purpose
+def test_a_stopped_worker_makes_health_503_and_requests_go_elsewhere(scorer, monkeypatch):
+    from rmtorch.serve.batcher import Batcher
+
+    def worker_dies(self):
+        raise SystemExit  # what no except clause of the worker catches: the thread ends
+
+    monkeypatch.setattr(Batcher, "_next_batch", worker_dies)
+    with serving(scorer) as live:
+        wait_until(lambda: not live.state.batcher._thread.is_alive(), "the worker thread to end")
+        health = httpx.get(live.url + "/health")
+        refused = live.post("/classify", {"input": ["<s> hello"]})
+    assert health.status_code == 503 and health.json()["status"] == "model worker stopped"
+    assert refused.status_code == 503 and refused.json()["error"]["type"] == "overloaded"
+    assert "model worker has stopped" in refused.json()["error"]["message"]
+    assert refused.headers["Retry-After"] == "30"
+
+
+def test_latency_counts_answered_requests_and_errors_by_kind(scorer):
+    vocab_size = scorer.model.get_input_embeddings().num_embeddings
+    with serving(scorer) as live:
+        bad = live.post("/score", {"input_ids": [[1, vocab_size]]})
+        good = live.post("/score", {"input_ids": [[1, 2, 3]]})
+        metrics = live.metrics()
+    assert bad.status_code == 400 and good.status_code == 200
+    assert metrics["rmtorch_serve_request_seconds_count{endpoint=/score}"] == 1
+    assert metrics["rmtorch_serve_errors_total{kind=invalid_request}"] == 1
+
+
 def test_a_non_finite_reward_is_an_error_not_a_number(scorer):
     poison = scorer.tokenizer.convert_tokens_to_ids("bad")
 
@@ -501,6 +564,35 @@ def test_a_non_finite_reward_is_an_error_not_a_number(scorer):
     assert response.status_code == 500 and response.json()["error"]["type"] == "nonfinite_reward"
     assert "non-finite reward (NaN or inf) to input[0, 1]" in response.json()["error"]["message"]
     assert after.status_code == 200
+
+
+def test_the_client_does_not_retry_a_non_finite_reward_and_says_why(scorer):
+    """A reward is the row's alone, so a NaN comes back on every try: RemoteScorer raises at once with the server's
+    message (one request reaches the server) instead of retrying and calling the server unreachable."""
+    poison = scorer.tokenizer.convert_tokens_to_ids("bad")
+
+    def nan_on_poison(module, args, kwargs, rewards):
+        return rewards.fill_(float("nan")) if (kwargs["input_ids"] == poison).any() else rewards
+
+    handle = scorer.reward_model.register_forward_hook(nan_on_poison, with_kwargs=True)
+    try:
+        with serving(scorer) as live, RemoteScorer(live.url, retries=3, backoff_s=0) as remote:
+            with pytest.raises(ValueError, match=r"refused the request \(500\): .*non-finite reward"):
+                remote(PROMPTS[:1], ["bad"])
+            requests = live.metrics()["rmtorch_serve_errors_total{kind=nonfinite_reward}"]
+    finally:
+        handle.remove()
+    assert requests == 1
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"), [({"Retry-After": "3"}, 3.0), ({"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}, 0.0),
+                              ({}, 0.0), ({"Retry-After": "-2"}, 0.0)],
+)  # fmt: skip
+def test_retry_after_is_read_as_seconds_and_a_date_or_junk_is_ignored(headers, expected):
+    from rmtorch.serve.client import _retry_after
+
+    assert _retry_after(httpx.Response(503, headers=headers)) == expected
 
 
 # ---------------------------------------------------------------------------------------- normalization
@@ -558,14 +650,6 @@ def test_remote_scorer_uses_replicas_in_turn_and_skips_a_dead_one(tiny_model_dir
     assert counts == [2, 2]
     with pytest.raises(ConnectionError, match="No rmtorch.serve server answered in 3 attempts"):
         RemoteScorer(dead, retries=2, backoff_s=0)(PROMPTS, RESPONSES)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------- the command

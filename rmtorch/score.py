@@ -166,7 +166,7 @@ class RewardScorer:
         for row, (prompt, completion) in enumerate(zip(prompts, completions)):
             try:
                 ids = tokenize_response(self.tokenizer, prompt, completion)
-                key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
+                key = json.dumps(prompt, sort_keys=True, default=str)  # None and the text "null" differ
                 if key not in prompt_cache:
                     prompt_cache[key] = prompt_ids(self.tokenizer, prompt)
                 dropped.append(not isinstance(completion, str) and self._template_drops_text(prompt, completion))

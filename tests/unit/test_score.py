@@ -221,3 +221,12 @@ def test_identical_rows_are_scored_once_and_get_identical_rewards(bos_tokenizer)
     rewards = scorer(PROMPTS * 3, RESPONSES * 3)
     assert torch.equal(rewards[:4], rewards[4:8]) and torch.equal(rewards[:4], rewards[8:])
     assert sum(tokens) == sum(len(ids) for ids in scorer.split(PROMPTS, RESPONSES).sequences("full"))
+
+
+def test_a_missing_prompt_and_the_text_null_are_different_prompts(bos_tokenizer):
+    model = tiny_llama(len(bos_tokenizer), pad_token_id=bos_tokenizer.pad_token_id)
+    scorer = RewardScorer(model, bos_tokenizer)
+    together = scorer.split(["null", None], [" yes", "null yes"])
+    alone = [scorer.split([prompt], [completion]) for prompt, completion in (("null", " yes"), (None, "null yes"))]
+    assert together.prompt_ids == [split.prompt_ids[0] for split in alone]
+    assert together.prompt_ids[0] != together.prompt_ids[1]

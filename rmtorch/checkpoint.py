@@ -24,6 +24,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from rmtorch.files import write_text
+
 LOOP_STATE_FILE = "loop_state.json"
 
 
@@ -68,9 +70,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_
         ):  # same step saved again (e.g. after a resume): keep the old copy until the new one is in place
             os.replace(final_dir, old_dir)
         os.replace(tmp_dir, final_dir)
-        latest_tmp = root / ".latest.tmp"
-        latest_tmp.write_text(name + "\n")
-        os.replace(latest_tmp, root / "latest")  # atomic: readers see the old or the new name, never half
+        write_text(root / "latest", name + "\n")  # atomic: readers see the old or the new name, never half
         shutil.rmtree(old_dir, ignore_errors=True)
         others = sorted((p for p in root.glob("step-*") if p.is_dir() and p != final_dir), key=_step_of)
         older = [p for p in others if _step_of(p) < loop_state["step"]]
@@ -174,9 +174,7 @@ def truncate_metrics(metrics_file: str | Path, step: int) -> None:
                 kept.append(line + "\n")
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    tmp = metrics_file.with_name(metrics_file.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, metrics_file)
+    write_text(metrics_file, "".join(kept))
 
 
 def checkpoint_trainable_weights_only(accelerator) -> None:

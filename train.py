@@ -61,7 +61,8 @@ MAX_NONFINITE_STEPS_IN_A_ROW = 5
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """The Accelerator of this launch (one process, DDP, FSDP or DeepSpeed; GPUs or CPU processes). The scheduler is
-    stepped by hand once per optimizer step; prepare() only makes it part of the checkpoints."""
+    stepped by hand once per optimizer step; prepare() only makes it part of the checkpoints (under DeepSpeed the
+    engine steps it)."""
     return launch_accelerator(
         mixed_precision="bf16" if cfg.bf16 else "no", grad_accum=cfg.grad_accum, batch_size=cfg.batch_size,
         max_grad_norm=cfg.max_grad_norm, step_scheduler_with_optimizer=False,
@@ -236,8 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
                         weight_casts = None
                     grad_norm = accelerator.clip_grad_norm_(reward_model.parameters(), cfg.max_grad_norm or math.inf)
                     record = stats.reduce(accelerator, grad_norm_tensor(grad_norm))  # the step's one host sync
-                    if not record["finite"]:
-                        optimizer.zero_grad()  # a non-finite loss or gradient anywhere: skip this update
+                    if not record["finite"]:  # a non-finite loss or gradient anywhere: skip this update
+                        optimizer.zero_grad()  # (under DeepSpeed the engine has applied it already: not skipped)
                 optimizer.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
@@ -246,8 +247,12 @@ def main(argv: list[str] | None = None) -> dict:
             # One optimizer step done: schedule, record; too many non-finite steps in a row stop the run.
             state["step"] += 1
             scheduler.step()
-            skipped = not record.pop("finite")
-            nonfinite_in_a_row = nonfinite_in_a_row + 1 if skipped else 0
+            finite = record.pop("finite")
+            skipped = not finite and accelerator.distributed_type != DistributedType.DEEPSPEED
+            if not finite and not skipped:
+                step = state["step"]
+                accelerator.print(f"warning: step {step}: non-finite loss or gradient, applied by DeepSpeed's engine")
+            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
             state["skipped_nonfinite_steps"] += int(skipped)
             state["tokens"] += record["tokens"]
             step_time = round(time.perf_counter() - step_start, 4)

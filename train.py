@@ -163,14 +163,24 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
-def train_step(reward_model, batch: dict, accelerator: Accelerator, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
-    """One micro-batch: chosen and rejected in one forward, the pairwise loss, backward. Returns (loss, chosen
-    rewards, rejected rewards), detached tensors: nothing is read to the host here."""
+def train_step(
+    reward_model, batch: dict, accelerator: Accelerator, cfg: TrainConfig, window: int
+) -> tuple[torch.Tensor, ...]:
+    """One micro-batch of a step of `window` micro-batches: chosen and rejected in one forward, the pairwise loss,
+    backward. Returns (loss, chosen rewards, rejected rewards), detached tensors: nothing is read to the host here."""
     rewards = reward_model(**model_inputs(batch))  # (2B,): chosen then rejected
     chosen, rejected = rewards.chunk(2)
     loss = pairwise_loss(chosen, rejected, batch.get("margin"), cfg.center_rewards_coefficient)
-    accelerator.backward(loss)
+    # Accelerate divides by grad_accum; a shorter last step of an epoch takes the mean of its own micro-batches (TRL).
+    accelerator.backward(loss if window == cfg.grad_accum else loss * (cfg.grad_accum / window))
     return loss.detach(), chosen.detach(), rejected.detach()
+
+
+def step_window(micro_batch: int, micro_batches_in_epoch: int, grad_accum: int) -> int:
+    """Micro-batches in the optimizer step that the epoch's `micro_batch`-th (from 1) belongs to: grad_accum, or fewer
+    in an epoch's last step when the epoch does not divide evenly."""
+    short = micro_batches_in_epoch % grad_accum
+    return short if short and micro_batch > micro_batches_in_epoch - short else grad_accum
 
 
 def evaluate(reward_model, eval_set, tokenizer, cfg: TrainConfig, accelerator: Accelerator) -> tuple[dict, list[dict]]:
@@ -215,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
     log = RunLog(cfg, accelerator, total_steps, data_report, state, checkpoint, data_files)
 
     stats, nonfinite_in_a_row, weight_casts = StepMetrics(accelerator.device), 0, None
+
     reward_model.train()
     step_start = time.perf_counter()  # step_time: data, forward, backward and update; eval and saving excluded
     while state["step"] < total_steps:
@@ -229,7 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
                 if cfg.bf16 and weight_casts is None:
                     weight_casts = contextlib.ExitStack()
                     weight_casts.enter_context(torch.autocast(accelerator.device.type, dtype=torch.bfloat16))
-                loss, chosen, rejected = train_step(reward_model, batch, accelerator, cfg)
+                loss, chosen, rejected = train_step(
+                    reward_model, batch, accelerator, cfg,
+                    step_window(state["batches_done_in_epoch"], len(train_loader), cfg.grad_accum),
+                )  # fmt: skip
                 stats.add(loss, chosen, rejected, batch["attention_mask"].sum())
                 if accelerator.sync_gradients:
                     if weight_casts is not None:  # the update changes the weights: drop their bf16 casts

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     def step():
         with torch.profiler.record_function("data"):
             batch = next(batches)
-        loss, chosen, rejected = train.train_step(reward_model, batch, accelerator, cfg)
+        loss, chosen, rejected = train.train_step(reward_model, batch, accelerator, cfg, cfg.grad_accum)
         accelerator.clip_grad_norm_(reward_model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()

@@ -196,3 +196,11 @@ def test_an_eval_file_with_the_built_in_data_is_used_and_nothing_is_held_out(tmp
     train_set, eval_set, report = build_data(cfg, make_bos_tokenizer())
     assert len(eval_set) == 5 and report["eval"]["rows_in"] == 5
     assert len(train_set) == report["train"]["rows_in"] == len(builtin_pairs(40, seed=cfg.seed))
+
+
+def test_the_step_window_is_shorter_only_for_an_uneven_epochs_last_step():
+    from train import step_window
+
+    assert [step_window(i, 8, 3) for i in range(1, 9)] == [3, 3, 3, 3, 3, 3, 2, 2]
+    assert [step_window(i, 6, 3) for i in range(1, 7)] == [3] * 6
+    assert [step_window(i, 5, 1) for i in range(1, 6)] == [1] * 5

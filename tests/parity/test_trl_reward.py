@@ -201,8 +201,10 @@ def test_loss_and_gradients_match_trl(tmp_path, bos_tokenizer, center, with_marg
         assert torch.allclose(param.grad, theirs_grads[name].grad, atol=1e-6, rtol=0), name
 
 
-def test_four_step_training_matches_reward_trainer(tmp_path, bos_tokenizer):  # E9 (b) + E10
-    """Sequential order, batch 2, grad accumulation 2, warmup 1, margins, centering; head drawn from the seed."""
+@pytest.mark.parametrize("grad_accum", [2, 3])
+def test_four_step_training_matches_reward_trainer(tmp_path, bos_tokenizer, grad_accum):  # E9 (b) + E10
+    """Sequential order, batch 2, grad accumulation 2, warmup 1, margins, centering; head drawn from the seed.
+    With accumulation 3 the epoch's 8 micro-batches end in a step of 2: its loss is their mean, as in TRL."""
     import train
 
     words = "what color is the sky blue green red yes no good bad".split()
@@ -219,11 +221,12 @@ def test_four_step_training_matches_reward_trainer(tmp_path, bos_tokenizer):  # 
             }
         )
     rows = [r for r in rows if r["chosen"] != r["rejected"]]
+    assert len(rows) == 16  # 8 micro-batches of 2: with accumulation 3, steps of 3, 3 and 2 micro-batches
     train_file = tmp_path / "train.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     model_dir = save_tiny_llama(tmp_path / "base", bos_tokenizer, causal=True)  # no head: both draw it from seed 42
 
-    hyper = dict(lr=1e-3, batch_size=2, grad_accum=2, warmup_steps=1, max_steps=4, center=0.01, seed=42)
+    hyper = dict(lr=1e-3, batch_size=2, grad_accum=grad_accum, warmup_steps=1, max_steps=4, center=0.01, seed=42)
     trl_args = reward_config(
         tmp_path,
         learning_rate=hyper["lr"],
@@ -262,7 +265,7 @@ def test_four_step_training_matches_reward_trainer(tmp_path, bos_tokenizer):  # 
             "--batch_size",
             "2",
             "--grad_accum",
-            "2",
+            str(grad_accum),
             "--warmup_steps",
             "1",
             "--max_steps",

@@ -52,7 +52,7 @@ from rmtorch.model import (
     resolve_model_path,
     score_pairs,
 )
-from rmtorch.outputs import check_new_run, check_resume, fingerprint, write_marker
+from rmtorch.outputs import check_new_run, check_resume, fingerprint, read_marker, write_marker
 from rmtorch.pairs import shared_pairs, tokenize_pairs
 from rmtorch.report import plot_training_curves, write_report
 
@@ -197,10 +197,11 @@ def main(argv: list[str] | None = None) -> dict:
     # Where we write and what we resume, checked before any work, so a bad start leaves nothing behind.
     data_files = {name: fingerprint(path) for name in ("train_file", "eval_file") if (path := getattr(cfg, name))}
     checkpoint = resolve_checkpoint(cfg.resume_from, cfg.output_dir) if cfg.resume_from else None
-    if checkpoint is None:
+    if checkpoint is not None:  # the options and data of the run that wrote it (RUN/checkpoints/step-N)
+        check_resume(checkpoint.resolve().parent.parent, dataclasses.asdict(cfg), data_files)
+    if checkpoint is None or checkpoint.resolve().parent.parent != Path(cfg.output_dir).resolve():
+        # A new run, or one continued from another run's checkpoint: never into a used or foreign directory.
         check_new_run(cfg.output_dir, inputs=[cfg.model, cfg.train_file, cfg.eval_file])
-    else:
-        check_resume(cfg.output_dir, dataclasses.asdict(cfg), data_files)
     accelerator = build_accelerator(cfg)
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     set_seed(cfg.seed)  # before the model: the new score head is drawn from this seed (as TRL)
@@ -345,7 +346,7 @@ class RunLog:
         accelerator.init_trackers("rmtorch", config=dataclasses.asdict(cfg))  # no-op unless --report_to names one
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            if checkpoint is None:  # what a resumed run must match (outputs.check_resume)
+            if read_marker(self.output_dir) is None:  # what a resumed run must match (outputs.check_resume)
                 write_marker(self.output_dir, "train", options=dataclasses.asdict(cfg), data=data_files)
             write_text(self.output_dir / "config.yaml", to_yaml(cfg))
             write_json(self.output_dir / "data_report.json", data_report)

@@ -20,6 +20,7 @@ import merge_lora
 import score as score_cli
 import train
 from rmtorch.cli import run
+from rmtorch.outputs import read_marker
 from rmtorch.pairs import chat_ids, tokenize_pairs
 from tests.conftest import pair_rows, read_jsonl, save_tiny_llama, train_argv, train_in_process, write_jsonl
 
@@ -305,6 +306,24 @@ def test_resume_refuses_changed_data_or_options_and_says_which(files, change, me
     refused(
         train.main, argv, rf"--resume_from: .*run was started with other options or data: .*{message}", files["root"]
     )
+
+
+def test_resuming_another_runs_checkpoint_checks_that_run_and_writes_only_into_a_fresh_directory(files):
+    """--resume_from RUN/checkpoints/step-N --output_dir X: the options are compared with RUN's, and X must be new
+    (not the model, not another run); X then gets its own marker, so it can be resumed in turn."""
+    run_dir = files["root"] / "run"
+    train_in_process(args(files, run_dir, "--max_steps", "4", "--save_every", "2"))
+    checkpoint = str(run_dir / "checkpoints" / "step-000002")
+    other_run = files["root"] / "other_run"
+    train_in_process(args(files, other_run, "--max_steps", "2"))
+    resume = ("--max_steps", "4", "--save_every", "2", "--resume_from", checkpoint)
+    refused(train.main, args(files, run_dir / "x", *resume, "--lr", "1e-3"), r"--lr 5e-05 → 0\.001", files["root"])
+    refused(train.main, args(files, files["model"], *resume), r"model is also an input of this command", files["root"])
+    refused(train.main, args(files, other_run, *resume), r"already holds a run with checkpoints", files["root"])
+    fork = files["root"] / "fork"
+    train_in_process(args(files, fork, *resume))
+    assert read_marker(fork)["kind"] == "train" and (fork / "model.safetensors").exists()
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-000002", "step-000004"]
 
 
 # ---------------------------------------------------------------------------------------- non-finite rewards

@@ -82,11 +82,13 @@ def test_grouped_packed_batches_are_the_samplers_batches(tmp_path, tiny_model_di
     assert sorted(len(batch) for batch in batches) == [3, 3, 3]
 
 
-def run_train(tmp_path, model_dir, *extra: str) -> tuple:
-    """A run of batch 4 on 16 learnable pairs (evaluated on 4 others); returns (output_dir, per-step losses)."""
-    tmp_path.mkdir(exist_ok=True)
-    train_file = write_jsonl(tmp_path / "train.jsonl", pair_rows(16))
-    eval_file = write_jsonl(tmp_path / "eval.jsonl", pair_rows(4, seed=1))
+def run_train(tmp_path, model_dir, *extra: str, data_dir=None) -> tuple:
+    """A run of batch 4 on 16 learnable pairs (evaluated on 4 others), the data in data_dir (default: tmp_path);
+    returns (output_dir, per-step losses)."""
+    data_dir = data_dir or tmp_path
+    data_dir.mkdir(exist_ok=True)
+    train_file = write_jsonl(data_dir / "train.jsonl", pair_rows(16))
+    eval_file = write_jsonl(data_dir / "eval.jsonl", pair_rows(4, seed=1))
     out = tmp_path / "out"
     options = ("--batch_size", "4", "--warmup_steps", "0", "--warmup_ratio", "0", "--bf16", "true")
     train_in_process(train_argv(model_dir, train_file, out, *options, *extra, eval_file=eval_file))
@@ -149,10 +151,10 @@ def test_qlora_resumes_to_the_same_adapter(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
     qlora = ("--lora", "--load_in_4bit", "--bf16", "false", "--max_steps", "4", "--lr", "5e-3")
-    straight, _ = run_train(tmp_path / "a", tiny_model_dir, *qlora, "--save_every", "2")
+    straight, _ = run_train(tmp_path / "a", tiny_model_dir, *qlora, "--save_every", "2", data_dir=tmp_path)
     checkpoint = straight / "checkpoints" / "step-000002"
     assert not any("base_layer" in name for name in load_file(checkpoint / "model.safetensors"))
-    resumed, _ = run_train(tmp_path / "b", tiny_model_dir, *qlora, "--resume_from", str(checkpoint))
+    resumed, _ = run_train(tmp_path / "b", tiny_model_dir, *qlora, "--resume_from", str(checkpoint), data_dir=tmp_path)
     ours, theirs = load_file(resumed / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
     for name, tensor in ours.items():
         assert torch.equal(tensor, theirs[name]), name

@@ -106,12 +106,13 @@ def pair_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> dict[str, 
 
 @torch.no_grad()
 def eval_metrics(
-    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None, center_coeff: float = 0.0
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None
 ) -> dict[str, float]:
-    """Metrics over a whole eval set, every pair weighted equally; loss is the training objective per pair."""
+    """Metrics over a whole eval set, every pair weighted equally; loss is the pairwise loss per pair, without the
+    centering term, which measures the reward offset, not the ranking (docs/design.md)."""
     r_chosen, r_rejected = _at_least_fp32(r_chosen, r_rejected)
     metrics = pair_metrics(r_chosen, r_rejected)
-    metrics["loss"] = per_pair_loss(r_chosen, r_rejected, margin, center_coeff).mean().item()
+    metrics["loss"] = per_pair_loss(r_chosen, r_rejected, margin).mean().item()
     metrics["ties"] = int((r_chosen == r_rejected).sum().item())
     metrics["num_pairs"] = int(r_chosen.numel())
     return metrics

@@ -53,7 +53,7 @@ from rmtorch.model import (
     score_pairs,
 )
 from rmtorch.outputs import check_new_run, check_resume, fingerprint, read_marker, write_marker
-from rmtorch.pairs import shared_pairs, tokenize_pairs
+from rmtorch.pairs import TokenizeReport, shared_pairs, tokenize_pairs
 from rmtorch.report import plot_training_curves, write_report
 
 MAX_NONFINITE_STEPS_IN_A_ROW = 5
@@ -333,8 +333,8 @@ class RunLog:
         self.output_dir = Path(cfg.output_dir)
         self.metrics_file = None
         print_ = accelerator.print
-        print_(f"data: train {data_report['train']['pairs_out']} pairs ({summary(data_report['train'])}); "
-               f"eval {data_report['eval']['pairs_out']} pairs ({summary(data_report['eval'])})")  # fmt: skip
+        train_words, eval_words = (report_summary(data_report[name]) for name in ("train", "eval"))
+        print_(f"data: train {train_words}; eval {eval_words}")
         if data_report["eval"]["also_in_train"]:
             print_(
                 f"warning: {data_report['eval']['also_in_train']} eval pairs also occur in the training data (same "
@@ -412,17 +412,9 @@ class RunLog:
         )
 
 
-def summary(report: dict) -> str:
-    """What tokenization did, in words (the TokenizeReport's fields)."""
-    parts = [f"{report['rows_in']} rows"]
-    for key, words in (
-        ("dropped_too_long", "dropped as too long"),
-        ("truncated", "truncated"),
-        ("skipped_bad", "bad rows skipped"),
-    ):
-        if report[key]:
-            parts.append(f"{report[key]} {words}")
-    return ", ".join(parts)
+def report_summary(report: dict) -> str:
+    """A data report (TokenizeReport.to_dict(), plus counts of its own) in TokenizeReport's words."""
+    return TokenizeReport(**{k: v for k, v in report.items() if k in TokenizeReport.__dataclass_fields__}).summary()
 
 
 def save_model(accelerator: Accelerator, reward_model, tokenizer, cfg: TrainConfig) -> None:

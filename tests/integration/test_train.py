@@ -206,3 +206,12 @@ def test_the_step_window_is_shorter_only_for_an_uneven_epochs_last_step():
     assert [step_window(i, 8, 3) for i in range(1, 9)] == [3, 3, 3, 3, 3, 3, 2, 2]
     assert [step_window(i, 6, 3) for i in range(1, 7)] == [3] * 6
     assert [step_window(i, 5, 1) for i in range(1, 6)] == [1] * 5
+
+
+def test_the_printed_data_line_speaks_as_the_tokenize_report():
+    from rmtorch.pairs import TokenizeReport
+    from train import report_summary
+
+    report = TokenizeReport(rows_in=10, pairs_out=8, dropped_too_long=1, skipped_bad=1)
+    assert report_summary({**report.to_dict(), "also_in_train": 2}) == report.summary()
+    assert report.summary() == "8/10 pairs kept, 1 dropped as longer than max_length, 1 bad rows skipped"

@@ -121,34 +121,8 @@ class RewardScorer:
     # ------------------------------------------------------------------------------------ formatting
 
     def _check_inputs(self, prompts, completions) -> None:
-        """Raise ValueError naming the first row that is neither (text, text) nor (messages, messages)."""
-        if isinstance(prompts, (str, dict)) or isinstance(completions, (str, dict)):
-            raise ValueError(
-                "prompts and completions must be lists with one entry per row, not a single string or message."
-            )
-        if len(prompts) != len(completions):
-            raise ValueError(
-                f"Got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion "
-                "(repeat a prompt for each of its completions)."
-            )
-        kinds = []
-        for row, (prompt, completion) in enumerate(zip(prompts, completions)):
-            if isinstance(completion, str) and isinstance(prompt, (str, type(None))):
-                kinds.append("text")
-            elif _is_message_list(completion) and (prompt is None or _is_message_list(prompt, allow_empty=True)):
-                kinds.append("messages")
-            else:
-                raise ValueError(
-                    f"Row {row}: prompt is {type(prompt).__name__} and completion is {type(completion).__name__}. "
-                    "Give both as strings, or both as lists of {'role', 'content'} messages (the completion, e.g. "
-                    "[{'role': 'assistant', 'content': ...}])."
-                )
-            if kinds[-1] != kinds[0]:
-                raise ValueError(
-                    f"Row {row} is {kinds[-1]} but row 0 is {kinds[0]}; score standard text and conversations in "
-                    "separate calls."
-                )
-        if kinds and kinds[0] == "messages" and not getattr(self.tokenizer, "chat_template", None):
+        """check_row_lists, and a chat template for conversations."""
+        if check_row_lists(prompts, completions) == "messages" and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(
                 "The rows are conversations (message lists) but the reward model's tokenizer has no chat template. "
                 "Give the rows as strings or set a chat template."
@@ -268,6 +242,38 @@ class RewardScorer:
 
         reward_func.__name__ = reward_func.__qualname__ = name
         return reward_func
+
+
+def check_row_lists(prompts, completions) -> str | None:
+    """The rows' kind, "text" or "messages" (None for no rows); ValueError naming the first row that is neither
+    (text, text) nor (messages, messages), or that differs in kind from row 0."""
+    if isinstance(prompts, (str, dict)) or isinstance(completions, (str, dict)):
+        raise ValueError(
+            "prompts and completions must be lists with one entry per row, not a single string or message."
+        )
+    if len(prompts) != len(completions):
+        raise ValueError(
+            f"Got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion "
+            "(repeat a prompt for each of its completions)."
+        )
+    kinds = []
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        if isinstance(completion, str) and isinstance(prompt, (str, type(None))):
+            kinds.append("text")
+        elif _is_message_list(completion) and (prompt is None or _is_message_list(prompt, allow_empty=True)):
+            kinds.append("messages")
+        else:
+            raise ValueError(
+                f"Row {row}: prompt is {type(prompt).__name__} and completion is {type(completion).__name__}. "
+                "Give both as strings, or both as lists of {'role', 'content'} messages (the completion, e.g. "
+                "[{'role': 'assistant', 'content': ...}])."
+            )
+        if kinds[-1] != kinds[0]:
+            raise ValueError(
+                f"Row {row} is {kinds[-1]} but row 0 is {kinds[0]}; score standard text and conversations in "
+                "separate calls."
+            )
+    return kinds[0] if kinds else None
 
 
 def _is_message_list(value, allow_empty: bool = False) -> bool:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import httpx
 import torch
 
-from rmtorch.score import RewardScorer, ScoreDetails
+from rmtorch.score import RewardScorer, ScoreDetails, check_row_lists
 
 RETRIED_STATUSES = (429, 500, 502, 503, 504)  # the server may answer the same request later, or another one may
 # A reward is the row's alone: a non-finite one comes back on every try and from every replica.
@@ -54,10 +54,7 @@ class RemoteScorer:
 
     def __call__(self, prompts, completions, *, part: str = "full", return_details: bool = False):
         """Rewards of N (prompt, completion) rows, (N,) fp32 in input order; see `RewardScorer.__call__`."""
-        if isinstance(prompts, (str, dict)) or isinstance(completions, (str, dict)):
-            raise ValueError(
-                "prompts and completions must be lists with one entry per row, not a single string or message."
-            )
+        check_row_lists(prompts, completions)  # here, before the network: the server would refuse them
         body = {"prompts": list(prompts), "completions": list(completions), "part": part}
         answer = self.post("/score", {**body, "return_details": return_details})
         rewards = torch.tensor(answer["rewards"], dtype=torch.float32)

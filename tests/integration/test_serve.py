@@ -637,6 +637,17 @@ def test_remote_scorer_has_the_scorers_call(server, scorer):
         remote(PROMPTS, RESPONSES, part="reasoning")
 
 
+@pytest.mark.parametrize(
+    ("prompts", "completions", "message"),
+    [("a", [" x"], "must be lists"), (["a", "b"], [" x"], "Got 2 prompts but 1 completions"),
+     (["a", "b"], [" x", [{"role": "assistant", "content": "y"}]], "Row 1: prompt is str")],
+)  # fmt: skip
+def test_remote_scorer_refuses_bad_rows_before_any_request(prompts, completions, message):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: reaching the network would be a ConnectionError
+    with pytest.raises(ValueError, match=message):
+        RemoteScorer(dead, retries=0)(prompts, completions)
+
+
 def test_remote_scorer_uses_replicas_in_turn_and_skips_a_dead_one(tiny_model_dir, scorer):
     other = RewardScorer.from_pretrained(str(tiny_model_dir), device="cpu", **THINK)  # one model per server
     with serving(scorer) as first, serving(other) as second:

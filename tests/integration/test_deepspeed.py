@@ -138,3 +138,25 @@ def test_a_deepspeed_launch_that_accelerate_would_run_as_ddp_is_refused(data, tm
     result = launch("deepspeed_zero2.yaml", argv, check=False, ACCELERATE_USE_CPU="1")
     assert result.returncode != 0
     assert "error: ACCELERATE_USE_CPU=1 turns DeepSpeed off; launch the DeepSpeed config without it." in result.stderr
+
+
+NAN_LOSS = """
+import rmtorch.loss
+original_loss = rmtorch.loss.pairwise_loss
+rmtorch.loss.pairwise_loss = lambda *args, **kwargs: original_loss(*args, **kwargs) * float("nan")
+"""
+
+
+def test_a_nonfinite_step_under_deepspeed_is_logged_as_applied_not_skipped(data, tmp_path):
+    """DeepSpeed's engine steps inside backward, so the loop cannot skip the update: each non-finite step is logged
+    with skipped false and a warning, and 5 in a row still stop the run with a message."""
+    (tmp_path / "sitecustomize.py").write_text(NAN_LOSS)  # imported by every process of the launch: a NaN loss
+    output_dir = tmp_path / "out"
+    result = launch("deepspeed_zero2.yaml", train_options(data, output_dir, 2), check=False, PYTHONPATH=str(tmp_path))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "error: 5 optimizer steps in a row had a non-finite loss or gradient; stopped at step 5" in output
+    assert "warning: step 5: non-finite loss or gradient, applied by DeepSpeed's engine" in output
+    steps = [line for line in read_jsonl(output_dir / "metrics.jsonl") if "loss" in line]
+    assert [line["step"] for line in steps] == [1, 2, 3, 4, 5]
+    assert not any(line["skipped"] for line in steps)

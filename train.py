@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
             cfg.output_dir, Path(cfg.output_dir) / "merged", trust_remote_code=cfg.trust_remote_code
         )
         accelerator.print(f"merged model in {merged}")
+    # Every process reaches the end before any tears its process group down (gloo aborted a rank that left early).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
 

@@ -197,9 +197,10 @@ def main(argv: list[str] | None = None) -> dict:
     # Where we write and what we resume, checked before any work, so a bad start leaves nothing behind.
     data_files = {name: fingerprint(path) for name in ("train_file", "eval_file") if (path := getattr(cfg, name))}
     checkpoint = resolve_checkpoint(cfg.resume_from, cfg.output_dir) if cfg.resume_from else None
-    if checkpoint is not None:  # the options and data of the run that wrote it (RUN/checkpoints/step-N)
-        check_resume(checkpoint.resolve().parent.parent, dataclasses.asdict(cfg), data_files)
-    if checkpoint is None or checkpoint.resolve().parent.parent != Path(cfg.output_dir).resolve():
+    owner = checkpoint.resolve().parent.parent if checkpoint is not None else None  # RUN of RUN/checkpoints/step-N
+    if owner is not None:  # the options and data of the run that wrote the checkpoint
+        check_resume(owner, dataclasses.asdict(cfg), data_files)
+    if owner != Path(cfg.output_dir).resolve():
         # A new run, or one continued from another run's checkpoint: never into a used or foreign directory.
         check_new_run(cfg.output_dir, inputs=[cfg.model, cfg.train_file, cfg.eval_file])
     accelerator = build_accelerator(cfg)

@@ -7,10 +7,11 @@ and category, with a report of files and plots.
 With --benchmark rewardbench (v1) or rewardbench2, --data is a local copy of that benchmark in its published
 schema, scored by the official rules (rmtorch.rewardbench) instead of the pair report.
 
-Shared options (max_length, truncation, packing, bf16, ...) have training's definitions and defaults; for a
-model train.py wrote they default to what it trained with (OUT/config.yaml), so evaluating a run on its own
-eval file reproduces its eval_results.json. Runs on one process or several (`accelerate launch evaluate.py`).
-`python evaluate.py --help` lists every option.
+Shared options (max_length, truncation, packing, bf16, ...) have training's definitions; for a model train.py
+wrote they default to what it trained with (OUT/config.yaml), so evaluating a run on its own eval file reproduces
+its eval_results.json. Any other model is scored in fp32 up to its own length limit: the rule RewardScorer,
+score.py and rmtorch.serve follow too (rmtorch.config.scoring_defaults). Runs on one process or several
+(`accelerate launch evaluate.py`). `python evaluate.py --help` lists every option.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from pathlib import Path
 from rmtorch import rewardbench
 from rmtorch.accelerator import launch_accelerator
 from rmtorch.cli import run, set_cpu_threads
-from rmtorch.config import EvalConfig, parse_config, trained_defaults
+from rmtorch.config import EvalConfig, parse_config, scoring_source, trained_defaults
 from rmtorch.files import PairDataError, read_rows
 from rmtorch.metrics import format_report, pair_report
-from rmtorch.model import RewardModel, compute_rewards, load_reward_model, score_pairs
+from rmtorch.model import RewardModel, compute_rewards, load_reward_model, model_max_length, score_pairs
 from rmtorch.outputs import check_output_dir
 from rmtorch.pairs import tokenize_pairs
 from rmtorch.report import write_report
@@ -56,8 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    max_length = model_max_length(model, cfg.max_length)
     pairs = tokenize_pairs(
-        rows, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation, on_bad_row=cfg.on_bad_row,
+        rows, tokenizer, max_length=max_length, truncation=cfg.truncation, on_bad_row=cfg.on_bad_row,
         margin_column=cfg.margin_column, keep_columns=[category_column] if category_column else [],
     )  # fmt: skip
     accelerator.print(f"data {cfg.data}: {pairs.report.summary()}")
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
         pairs, chosen, rejected, category_column, n_bins=cfg.n_bins, n_length_buckets=cfg.length_buckets
     )
     report["model"], report["data"] = str(cfg.model), {"path": str(cfg.data), **pairs.report.to_dict()}
-    accelerator.print(format_report(report))
+    report["scoring"] = scoring_report(cfg, max_length)
+    accelerator.print(format_report(report) + scoring_line(report))
     if cfg.report and accelerator.is_main_process:
         paths = write_report(report, scores, cfg.report)
         print(f"report in {cfg.report}: {', '.join(p.name for p in paths.values())}")
@@ -89,7 +92,8 @@ def evaluate_benchmark(cfg: EvalConfig, trained: dict) -> dict:
     accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    tokenized = rewardbench.tokenize_prompts(prompts, tokenizer, data, cfg.max_length, cfg.truncation)
+    max_length = model_max_length(model, cfg.max_length)
+    tokenized = rewardbench.tokenize_prompts(prompts, tokenizer, data, max_length, cfg.truncation)
     accelerator.print(f"data {cfg.data}: {data.summary()}")
     if trained:
         accelerator.print(
@@ -105,11 +109,21 @@ def evaluate_benchmark(cfg: EvalConfig, trained: dict) -> dict:
         cfg.benchmark, tokenized.prompts, tokenized.per_prompt(rewards.tolist())
     )
     report["model"], report["data"] = str(cfg.model), asdict(data)
-    accelerator.print(rewardbench.format_table(report))
+    report["scoring"] = scoring_report(cfg, max_length)
+    accelerator.print(rewardbench.format_table(report) + scoring_line(report))
     if cfg.report and accelerator.is_main_process:
         paths = rewardbench.write_benchmark_report(report, lines, cfg.report)
         print(f"report in {cfg.report}: {', '.join(p.name for p in paths.values())}")
     return report
+
+
+def scoring_report(cfg: EvalConfig, max_length: int | None) -> dict:
+    """What the report says about how it scored: precision, max_length and where they came from."""
+    return {"precision": "bf16" if cfg.bf16 else "fp32", "max_length": max_length, "from": scoring_source(cfg.model)}
+
+
+def scoring_line(report: dict) -> str:
+    return "\nscoring: {precision}, max_length {max_length} (from {from})".format(**report["scoring"])
 
 
 if __name__ == "__main__":

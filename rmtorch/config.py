@@ -242,7 +242,25 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
 
 
 @dataclass
-class EvalConfig(BatchOptions, DataOptions, ModelOptions):
+class ScoringOptions(Options):
+    """Precision and length of scoring, one rule for RewardScorer.from_pretrained, score.py, evaluate.py and
+    rmtorch.serve (`scoring_defaults`): a train.py run's own config.yaml decides; any other model gets these."""
+
+    bf16: bool = option(
+        False,
+        "bf16 autocast for the forward pass (rewards stay fp32). Default: what the model's run trained with "
+        "(MODEL/config.yaml), else false (fp32).",
+    )
+    max_length: int | None = option(
+        None,
+        "Longest sequence in tokens (special and template tokens included). Default: the model's run's "
+        "(MODEL/config.yaml), else none: the model's own limit (max_position_embeddings).",
+        check=">=2",
+    )
+
+
+@dataclass
+class EvalConfig(ScoringOptions, BatchOptions, DataOptions, ModelOptions):
     model: str | None = option(
         None,
         "The reward model to evaluate: a run's output_dir, a LoRA adapter directory, or 'smollm2'.",
@@ -267,7 +285,7 @@ class EvalConfig(BatchOptions, DataOptions, ModelOptions):
 
 
 @dataclass
-class ScoreConfig(BatchOptions, LengthOptions, ModelOptions):
+class ScoreConfig(ScoringOptions, BatchOptions, LengthOptions, ModelOptions):
     model: str | None = option(
         None,
         "Trained reward model directory (train.py's output_dir, a LoRA adapter directory), a .gguf file, or "
@@ -404,12 +422,6 @@ def to_yaml(cfg: Options) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
-def shared_options(cfg: Options, cls: type[Options]) -> dict:
-    """The values of `cfg` for the fields `cls` also has (e.g. a trained run's data options for evaluation)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k in names}
-
-
 # What evaluation and scoring take from the run that trained a model (its config.yaml), unless given.
 TRAINED_DEFAULTS = (
     "max_length",
@@ -422,7 +434,7 @@ TRAINED_DEFAULTS = (
 )
 
 
-def trained_defaults(model: str | None, cls: type[Options]) -> dict:
+def trained_defaults(model: str | None, cls: type[Options] = ScoringOptions) -> dict:
     """The options a train.py run used (MODEL/config.yaml) that `cls` shares, so a model is evaluated and scored
     the way it was trained. Empty for anything that is not a run directory."""
     path = Path(model) / "config.yaml" if model else None
@@ -436,11 +448,24 @@ def trained_defaults(model: str | None, cls: type[Options]) -> dict:
     return {k: loaded[k] for k in TRAINED_DEFAULTS if isinstance(loaded, dict) and k in loaded and k in names}
 
 
+def scoring_defaults(model: str | None) -> dict:
+    """The one rule for how a model is scored when the caller says nothing: {"bf16", "max_length"} from the model's
+    run (MODEL/config.yaml), else ScoringOptions' defaults (fp32, the model's own limit). The library
+    (RewardScorer.from_pretrained) and every command (score.py, evaluate.py, rmtorch.serve) use it."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ScoringOptions)}
+    return {**defaults, **trained_defaults(model, ScoringOptions)}
+
+
+def scoring_source(model: str | None) -> str:
+    """Where `scoring_defaults` took its values from, for reports: the run's config.yaml or the defaults."""
+    return str(Path(model) / "config.yaml") if trained_defaults(model, ScoringOptions) else "defaults"
+
+
 # ---------------------------------------------------------------------------------------------- serving
 
 
 @dataclass
-class ServeConfig(BatchOptions, LengthOptions, ModelOptions):
+class ServeConfig(ScoringOptions, BatchOptions, LengthOptions, ModelOptions):
     host: str = option(
         "127.0.0.1",
         "Address to bind. 127.0.0.1 serves this machine only; binding another address without --api_key logs a "
@@ -461,6 +486,13 @@ class ServeConfig(BatchOptions, LengthOptions, ModelOptions):
         "Rows longer than --max_length: 'keep_end' scores their last max_length tokens (the scorer's rule; flagged "
         "as truncated), 'refuse' answers 400.",
         choices=("keep_end", "refuse"),
+    )
+    chat_bos: str = option(
+        "restore",
+        "Texts for /classify and /get_reward that are a rendering of the model's chat template missing its leading "
+        "BOS text (verl strips it before posting): 'restore' puts the BOS back, so they get the ids training used; "
+        "'as_sent' scores them as sent.",
+        choices=("restore", "as_sent"),
     )
     normalize: str | None = option(
         None,

@@ -13,6 +13,8 @@ import copy
 import os
 import shutil
 import tempfile
+import threading
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -187,6 +189,23 @@ def load_reward_model(
     return model, tokenizer
 
 
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def lock_of(shared) -> threading.RLock:
+    """One lock per model or tokenizer, for whoever uses it. A packed forward switches the model's attention
+    implementation (one config for all its layers) and its train/eval mode, and a fast tokenizer is not safe to share
+    across threads: two threads must not use the same one at once."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(shared, threading.RLock())
+
+
+def model_max_length(model: nn.Module, max_length: int | None) -> int | None:
+    """max_length, or when None the model's own limit (max_position_embeddings; None when the config has none)."""
+    return max_length if max_length is not None else getattr(model.config, "max_position_embeddings", None)
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Zero nn.Dropout modules and the attention-dropout floats that TRL's disable_dropout misses."""
     for module in model.modules():
@@ -351,7 +370,7 @@ def compute_rewards(
     mine = plan[rank::world]
     forwards = -(-len(plan) // world)  # every process runs this many: the short ones repeat a batch, unused
     device = accelerator.device if accelerator is not None else next(reward_model.parameters()).device
-    was_training = reward_model.training
+    modes = [(module, module.training) for module in reward_model.modules()]  # each gets its own mode back
     reward_model.eval()
     results: list[tuple[list[int], list[float]]] = []
     try:
@@ -370,7 +389,8 @@ def compute_rewards(
             if i < len(mine):
                 results.append(([row for group in batch for row in group.rows], batch_rewards.float().cpu().tolist()))
     finally:
-        reward_model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
     if world > 1:
         from accelerate.utils import gather_object
 

@@ -165,9 +165,23 @@ def _is_messages(value) -> bool:
     return isinstance(value, list) and len(value) > 0 and isinstance(value[0], dict)
 
 
-def _check_messages(value, where: str, name: str, must_end_with_assistant: bool):
+def check_messages(value, where: str, name: str, must_end_with_assistant: bool, allow_empty_response: bool = False):
+    """Training's rule for one field's message list; PairDataError naming `where`, the field, the message and the fix.
+
+    A non-empty list of {'role', 'content'} dicts with a role from ROLES and text content (or 'tool_calls').
+    must_end_with_assistant: the list holds the response, so it ends with a non-empty assistant turn (empty
+    allowed with allow_empty_response: the scorer scores empty RL completions). rmtorch.score checks rows with it.
+    """
     if not isinstance(value, list) or not value:
-        raise PairDataError(f"{where}, field '{name}': expected a non-empty list of messages, got {value!r:.80}.")
+        if not must_end_with_assistant:
+            fix = f"Give at least one message, or leave '{name}' out."
+        elif allow_empty_response:
+            fix = "For an empty response give [{'role': 'assistant', 'content': ''}]."
+        else:
+            fix = "Give the conversation, ending with the assistant response, or remove the row."
+        raise PairDataError(
+            f"{where}, field '{name}': expected a non-empty list of messages, got {value!r:.80}. {fix}"
+        )
     for i, message in enumerate(value):
         if not isinstance(message, dict) or message.get("role") is None:
             raise PairDataError(
@@ -198,7 +212,8 @@ def _check_messages(value, where: str, name: str, must_end_with_assistant: bool)
                 f"but it ends with {last['role']!r}."
             )
         content = last.get("content")
-        if not last.get("tool_calls") and (not content or (isinstance(content, str) and not content.strip())):
+        empty = not content or (isinstance(content, str) and not content.strip())
+        if empty and not last.get("tool_calls") and not allow_empty_response:
             raise PairDataError(
                 f"{where}, field '{name}': the assistant response is empty. Remove the row or fill it in."
             )
@@ -254,9 +269,9 @@ def validate_row(
         prompt, chosen, rejected = row.get("prompt"), row["chosen"], row["rejected"]
         if _is_messages(chosen) or _is_messages(rejected) or _is_messages(prompt):
             if prompt is not None:
-                _check_messages(prompt, where, "prompt", must_end_with_assistant=False)
-            _check_messages(chosen, where, "chosen", must_end_with_assistant=True)
-            _check_messages(rejected, where, "rejected", must_end_with_assistant=True)
+                check_messages(prompt, where, "prompt", must_end_with_assistant=False)
+            check_messages(chosen, where, "chosen", must_end_with_assistant=True)
+            check_messages(rejected, where, "rejected", must_end_with_assistant=True)
             out.update(kind="messages", prompt=prompt or [], chosen=chosen, rejected=rejected)
             for name in ("tools", "chat_template_kwargs"):
                 if row.get(name) is not None:
@@ -312,6 +327,34 @@ def chat_ids(
 def chat_text(tokenizer, messages: list[dict]) -> str:
     """The text a chat template renders for a conversation (what `chat_ids` tokenizes)."""
     return tokenizer.apply_chat_template(_template_messages(messages), tokenize=False)
+
+
+def chat_opening(tokenizer) -> str | None:
+    """What every rendering of the tokenizer's chat template holds right after its BOS text, when the template
+    starts with the BOS text (SmolLM2: BOS '<|im_start|>', opening 'system\n'); None otherwise.
+
+    verl strips a leading BOS text from rendered chats before posting them (for vLLM, which used to add it back): a
+    text that starts with the opening is such a chat, and its BOS is restored (`restore_chat_bos`)."""
+    bos = tokenizer.bos_token
+    if not bos or not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = "\x00probe\x00"
+    try:  # the roles' renderings share the template's head (a default system turn included)
+        texts = [chat_text(tokenizer, [{"role": role, "content": probe}]) for role in ("system", "user")]
+    except Exception:  # a template that refuses a lone system or user turn: leave texts as sent
+        return None
+    if not all(text.startswith(bos) for text in texts):
+        return None
+    heads = [text[len(bos) : text.index(probe)] for text in texts]
+    opening = heads[0][: common_prefix_length(heads[0], heads[1])]
+    return opening or None
+
+
+def restore_chat_bos(text: str, tokenizer, opening: str | None) -> str:
+    """`text` with the chat template's BOS text put back when a client stripped it (see `chat_opening`)."""
+    if opening and text.startswith(opening) and not text.startswith(tokenizer.bos_token):
+        return tokenizer.bos_token + text
+    return text
 
 
 def tokenize_response(tokenizer, prompt, response) -> list[int]:

@@ -36,8 +36,17 @@ from dataclasses import dataclass
 
 import torch
 
-from rmtorch.model import RewardModel, compute_rewards, load_reward_model
-from rmtorch.pairs import adds_bos, chat_text, common_prefix_length, keep_end, prompt_ids, tokenize_response
+from rmtorch.config import scoring_defaults
+from rmtorch.model import RewardModel, compute_rewards, load_reward_model, lock_of, model_max_length
+from rmtorch.pairs import (
+    adds_bos,
+    chat_text,
+    check_messages,
+    common_prefix_length,
+    keep_end,
+    prompt_ids,
+    tokenize_response,
+)
 from rmtorch.thinking import SplitCompletions, resolve_think_tokens, split_rows
 
 logger = logging.getLogger(__name__)
@@ -58,7 +67,8 @@ class RewardScorer:
     """Scores (prompt, completion) rows with a sequence-classification reward model; see the module docstring.
 
     The model runs in eval mode for each call and gets its previous mode back; its attention implementation,
-    config and tokenizer are not changed.
+    config and tokenizer are not changed. Safe to share between threads: one thread at a time uses the tokenizer, and
+    one the model (through any of its scorers); every call gets the rewards it gets alone.
     """
 
     def __init__(
@@ -84,7 +94,7 @@ class RewardScorer:
         self.model = model
         self.reward_model = RewardModel(model)
         self.tokenizer = tokenizer
-        self.max_length = max_length or getattr(model.config, "max_position_embeddings", None)
+        self.max_length = model_max_length(model, max_length)
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
         self.max_tokens_per_batch = max_tokens_per_batch
@@ -112,11 +122,25 @@ class RewardScorer:
     ) -> RewardScorer:
         """Load a trained reward model directory (or 'smollm2', a .gguf file) with its tokenizer.
 
-        device defaults to CUDA when available, else CPU. Other keyword arguments go to `RewardScorer(...)`.
+        Precision and max_length follow `rmtorch.config.scoring_defaults`, the rule score.py, evaluate.py and
+        rmtorch.serve use too: a train.py run scores as it trained (its config.yaml: bf16 autocast and max_length
+        512 by default), any other model in fp32 up to its own limit. `autocast_dtype=` (None: fp32) and
+        `max_length=` override it. device defaults to CUDA when available, else CPU. Other keyword arguments go to
+        `RewardScorer(...)`.
         """
+        defaults = scoring_defaults(str(path))
+        if max_length is None:
+            max_length = defaults["max_length"]
+        kwargs.setdefault("autocast_dtype", torch.bfloat16 if defaults["bf16"] else None)
         model, tokenizer = load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(model.eval(), tokenizer, max_length=max_length, max_tokens_per_batch=max_tokens_per_batch, **kwargs)
+
+    @property
+    def precision(self) -> str:
+        """'bf16' (autocast) or 'fp32': what reports and the server's /health say was used."""
+        names = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return names.get(self.autocast_dtype, str(self.autocast_dtype))
 
     # ------------------------------------------------------------------------------------ formatting
 
@@ -135,6 +159,10 @@ class RewardScorer:
         with the generation prompt), so a token merged across the boundary counts as completion.
         """
         self._check_inputs(prompts, completions)
+        with lock_of(self.tokenizer):
+            return self._split(prompts, completions)
+
+    def _split(self, prompts, completions) -> SplitCompletions:
         prompt_cache: dict[str, list[int]] = {}  # GRPO repeats each prompt num_generations times
         sequences, prompt_lengths, dropped = [], [], []
         for row, (prompt, completion) in enumerate(zip(prompts, completions)):
@@ -178,11 +206,12 @@ class RewardScorer:
         prompt_lengths: each row's prompt length; with packing, rows whose prompts are identical share one
         prompt computation.
         """
-        return compute_rewards(
-            self.reward_model, sequences, prompt_lengths, pad_token_id=self.pad_token_id, packing=self.packing,
-            max_tokens_per_batch=self.max_tokens_per_batch, padding_side=self.padding_side,
-            autocast_dtype=self.autocast_dtype,
-        )  # fmt: skip
+        with lock_of(self.model):  # the forward switches the model's attention and mode: one thread at a time
+            return compute_rewards(
+                self.reward_model, sequences, prompt_lengths, pad_token_id=self.pad_token_id, packing=self.packing,
+                max_tokens_per_batch=self.max_tokens_per_batch, padding_side=self.padding_side,
+                autocast_dtype=self.autocast_dtype,
+            )  # fmt: skip
 
     def score_split(self, split: SplitCompletions, part: str = "full") -> ScoreDetails:
         """Score `part` of already split rows (see `split`), truncating rows longer than max_length."""
@@ -246,7 +275,8 @@ class RewardScorer:
 
 def check_row_lists(prompts, completions) -> str | None:
     """The rows' kind, "text" or "messages" (None for no rows); ValueError naming the first row that is neither
-    (text, text) nor (messages, messages), or that differs in kind from row 0."""
+    (text, text) nor (messages, messages), that differs in kind from row 0, or whose messages training would refuse
+    (`rmtorch.pairs.check_messages`: roles, content, a final assistant turn, which may be empty here)."""
     if isinstance(prompts, (str, dict)) or isinstance(completions, (str, dict)):
         raise ValueError(
             "prompts and completions must be lists with one entry per row, not a single string or message."
@@ -260,7 +290,12 @@ def check_row_lists(prompts, completions) -> str | None:
     for row, (prompt, completion) in enumerate(zip(prompts, completions)):
         if isinstance(completion, str) and isinstance(prompt, (str, type(None))):
             kinds.append("text")
-        elif _is_message_list(completion) and (prompt is None or _is_message_list(prompt, allow_empty=True)):
+        elif isinstance(completion, list) and isinstance(prompt, (list, type(None))):
+            if prompt:  # None and [] both mean no prompt
+                check_messages(prompt, f"Row {row}", "prompt", must_end_with_assistant=False)
+            check_messages(
+                completion, f"Row {row}", "completion", must_end_with_assistant=True, allow_empty_response=True
+            )
             kinds.append("messages")
         else:
             raise ValueError(
@@ -274,11 +309,3 @@ def check_row_lists(prompts, completions) -> str | None:
                 "separate calls."
             )
     return kinds[0] if kinds else None
-
-
-def _is_message_list(value, allow_empty: bool = False) -> bool:
-    if not isinstance(value, list):
-        return False
-    if not value:
-        return allow_empty
-    return all(isinstance(message, dict) and "role" in message for message in value)

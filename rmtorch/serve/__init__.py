@@ -12,6 +12,6 @@ sharing a token prefix computing it once, and every reward equals the row scored
 deployment notes.
 """
 
-from rmtorch.serve.client import RemoteScorer
+from rmtorch.serve.client import RemoteScorer, ServerAnswerError
 
-__all__ = ["RemoteScorer"]
+__all__ = ["RemoteScorer", "ServerAnswerError"]

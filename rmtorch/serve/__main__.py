@@ -17,7 +17,7 @@ import torch
 import uvicorn
 
 from rmtorch.cli import run, set_cpu_threads
-from rmtorch.config import ServeConfig, parse_config, trained_defaults
+from rmtorch.config import ServeConfig, parse_config, scoring_source, trained_defaults
 from rmtorch.normalize import RewardNormalizer
 from rmtorch.score import RewardScorer
 from rmtorch.serve.app import build_app, exposure_warning
@@ -36,18 +36,27 @@ def load_config(argv: list[str] | None) -> ServeConfig:
     return dataclasses.replace(cfg, api_key=cfg.api_key or os.environ.get("RMTORCH_SERVE_API_KEY"))
 
 
+def build_scorer(cfg: ServeConfig) -> RewardScorer:
+    """The scorer behind the endpoints, loaded and set up as `cfg` says (threads, device, precision, lengths)."""
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    set_cpu_threads(cfg.cpu_threads, device)
+    return RewardScorer.from_pretrained(
+        cfg.model, device=device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
+        packing=cfg.packing, trust_remote_code=cfg.trust_remote_code,
+        autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = load_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     normalizer = RewardNormalizer.load(cfg.normalize) if cfg.normalize else None  # checked before the model loads
     if warning := exposure_warning(cfg.host, cfg.api_key):
         logger.warning(warning)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    set_cpu_threads(cfg.cpu_threads, device)
-    scorer = RewardScorer.from_pretrained(
-        cfg.model, device=device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
-        packing=cfg.packing, trust_remote_code=cfg.trust_remote_code,
-        autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+    scorer = build_scorer(cfg)
+    logger.info(
+        "scoring %s in %s, max_length %s (from %s)",
+        cfg.model, scorer.precision, scorer.max_length, scoring_source(cfg.model),
     )  # fmt: skip
     # timeout_graceful_shutdown=None: on SIGTERM the requests in flight are answered, however long they take.
     uvicorn.run(build_app(scorer, cfg, normalizer), host=cfg.host, port=cfg.port, timeout_graceful_shutdown=None)

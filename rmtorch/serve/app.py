@@ -19,6 +19,7 @@ import functools
 import ipaddress
 import logging
 import math
+import re
 import secrets
 import time
 import uuid
@@ -37,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rmtorch.config import ServeConfig
 from rmtorch.normalize import RewardNormalizer
+from rmtorch.pairs import chat_opening, restore_chat_bos
 from rmtorch.score import RewardScorer
 from rmtorch.serve.batcher import Batcher, ForwardFailed, Overloaded, RequestTooLarge, Scored
 from rmtorch.serve.metrics import ServeMetrics
@@ -45,9 +47,41 @@ from rmtorch.thinking import PARTS, SplitCompletions, split_rows
 router = APIRouter()
 logger = logging.getLogger(__name__)
 NonEmptyIds = Annotated[list[int], Field(min_length=1)]
+# json.loads joins a valid surrogate pair into one character: a surrogate left in a string stands alone.
+UNPAIRED_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # ------------------------------------------------------------------------------------------------ requests
+
+
+def unpaired_surrogate_message(field: str, surrogate: str, position: int) -> str:
+    return (
+        f"{field} holds an unpaired UTF-16 surrogate (\\u{ord(surrogate):04x}) at character {position}: that is not "
+        "Unicode text and no tokenizer reads it (a text cut inside a surrogate pair, an emoji say, ends so). Repair "
+        "the text where it is made, or replace the character (e.g. with U+FFFD)."
+    )
+
+
+def check_unicode(value: Any, field: str) -> Any:
+    """`value` unchanged, or a ValueError naming the first string in it (a text, or one inside lists and messages)
+    that holds an unpaired surrogate: the tokenizer raises on it, and no answer or log line can encode it."""
+    stack = [(field, value)]  # a loop, not recursion: JSON may nest deeper than Python's recursion limit
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str) and (found := UNPAIRED_SURROGATE.search(item)):
+            raise ValueError(unpaired_surrogate_message(where, found[0], found.start()))
+        if isinstance(item, list):
+            stack.extend((f"{where}[{i}]", item[i]) for i in reversed(range(len(item))))
+        elif isinstance(item, dict):
+            for key, inner in reversed(item.items()):
+                stack.append((f"{where}.{key}", inner))
+                stack.append((f"A key of {where}", key))
+    return value
+
+
+def unicode_fields(*fields: str):
+    """A validator of a request model's `fields` (see check_unicode): a 400 naming the field, row and character."""
+    return field_validator(*fields)(lambda value, info: check_unicode(value, info.field_name))
 
 
 class ScoreRequest(BaseModel):
@@ -61,6 +95,8 @@ class ScoreRequest(BaseModel):
     prompt_lengths: list[int] | None = Field(None, description="Prompt tokens of each input_ids row (default 0).")
     part: Literal[PARTS] = "full"
     return_details: bool = False
+
+    _texts_are_unicode = unicode_fields("prompts", "completions")
 
     @model_validator(mode="after")
     def _one_kind_of_rows(self) -> ScoreRequest:
@@ -88,6 +124,8 @@ class GetRewardRequest(BaseModel):
     prompts: list[str | None] | None = Field(None, description="Accepted, not needed: shared prefixes are found.")
     labels: list[Any] | None = Field(None, description="Accepted and ignored (rule-based rewards use them).")
 
+    _texts_are_unicode = unicode_fields("query")
+
 
 class ClassifyRequest(BaseModel):
     """vLLM's /classify request as verl's reward loop sends it (other vLLM fields are ignored)."""
@@ -104,6 +142,8 @@ class ClassifyRequest(BaseModel):
     @classmethod
     def _one_text_is_a_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+    _texts_are_unicode = unicode_fields("input")
 
 
 # -------------------------------------------------------------------------------------------------- errors
@@ -133,6 +173,8 @@ def describe_validation_error(error: dict) -> str:
     field = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"][1:]).lstrip(".")
     if error["type"] == "value_error":  # the request models' own checks: already a sentence
         return str(error["ctx"]["error"])
+    if error["type"] == "string_unicode" and (found := UNPAIRED_SURROGATE.search(str(error["input"]))):
+        return unpaired_surrogate_message(f"A key of {field or 'the request body'}", found[0], found.start())
     if error["type"] == "missing":
         return f"{field or 'The request body'} is required: send a JSON object."
     if isinstance(error["input"], (bytes, str)) and not field:
@@ -151,10 +193,32 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(request.app.state.serve.metrics, exc.status_code, kind, str(exc.detail), exc.headers)
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("Unexpected error answering %s", request.url.path)
-    message = f"The server failed on this request: {exc!r}. The server log has the traceback."
-    return error_response(request.app.state.serve.metrics, 500, "internal_error", message)
+class CatchAll:
+    """ASGI middleware: anything unexpected is a JSON 500, logged with its traceback, and the connection serves on.
+    (An exception handler for Exception runs in Starlette's outermost middleware, which re-raises after answering,
+    so uvicorn would print a second traceback and close the client's keep-alive connection.)"""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_and_note(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as exc:
+            logger.exception("Unexpected error answering %s", scope.get("path"))
+            if started:  # the answer is half sent: nothing left to do but drop the connection
+                raise
+            message = f"The server failed on this request: {exc!r}. The server log has the traceback."
+            await error_response(self.metrics, 500, "internal_error", message)(scope, receive, send)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -242,6 +306,15 @@ class ServeState:
     # Tokenizing runs here, one call at a time: a fast tokenizer is not safe to share across threads, and the
     # event loop stays free to take requests meanwhile.
     tokenizer_thread: ThreadPoolExecutor
+    chat_opening: str | None  # with --chat_bos restore: how a rendered chat starts after its BOS text
+
+    def tokenize_texts(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """Full texts as OpenRLHF and verl send them → ids, a stripped chat BOS restored (`restore_chat_bos`);
+        not when the tokenizer adds its own BOS (add_special_tokens with a BOS-adding tokenizer)."""
+        tokenizer = self.scorer.tokenizer
+        if self.chat_opening and not (add_special_tokens and self.scorer.keep_first):
+            texts = [restore_chat_bos(text, tokenizer, self.chat_opening) for text in texts]
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
     async def prepare(self, fn, *args):
         """`fn(*args)` in the tokenizer thread; a ValueError (a bad row) becomes a 400."""
@@ -270,7 +343,10 @@ def build_app(scorer: RewardScorer, cfg: ServeConfig, normalizer: RewardNormaliz
         scorer, max_wait_s=cfg.max_wait_ms / 1000, max_queue_tokens=cfg.max_queue_tokens, metrics=metrics
     )
     metrics.watch_queue(batcher)
-    state = ServeState(scorer, cfg, normalizer, metrics, batcher, ThreadPoolExecutor(1, "rmtorch-serve-tokenizer"))
+    opening = chat_opening(scorer.tokenizer) if cfg.chat_bos == "restore" else None
+    state = ServeState(
+        scorer, cfg, normalizer, metrics, batcher, ThreadPoolExecutor(1, "rmtorch-serve-tokenizer"), opening
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -286,7 +362,7 @@ def build_app(scorer: RewardScorer, cfg: ServeConfig, normalizer: RewardNormaliz
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)  # still a JSON error body, and counted
+    app.add_middleware(CatchAll, metrics=metrics)  # added first: the innermost, around the routes
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * 1e6), metrics=metrics)
     if cfg.api_key:
         app.add_middleware(ApiKeyCheck, api_key=cfg.api_key, metrics=metrics)  # added last: checked first
@@ -388,10 +464,6 @@ def _score_request_split(scorer: RewardScorer, body: ScoreRequest) -> SplitCompl
     return split
 
 
-def _tokenize_texts(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
-
-
 @router.post("/score")
 async def score(body: ScoreRequest, request: Request) -> JSONResponse:
     """rmtorch's own: rewards of prompts + completions formatted as in training, or of token-id rows."""
@@ -423,7 +495,7 @@ async def get_reward(body: GetRewardRequest, request: Request) -> JSONResponse:
     """OpenRLHF's remote reward model: {"query": [...]} → {"rewards", "scores", "extra_logs"}."""
     serve: ServeState = request.app.state.serve
     with answer_seconds(serve, "/get_reward"):
-        sequences = await serve.prepare(_tokenize_texts, serve.scorer.tokenizer, body.query, False)
+        sequences = await serve.prepare(serve.tokenize_texts, body.query, False)
         scored = await score_sequences(request, sequences, "query")
     rewards = serve.normalize(scored.rewards)
     extra_logs = {"truncated": [float(t) for t in scored.truncated]}
@@ -439,7 +511,7 @@ async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
     """vLLM's classification API: verl reads `data[-1]["probs"][-1]` (with use_activation false: the reward)."""
     serve: ServeState = request.app.state.serve
     with answer_seconds(serve, "/classify"):
-        sequences = await serve.prepare(_tokenize_texts, serve.scorer.tokenizer, body.input, body.add_special_tokens)
+        sequences = await serve.prepare(serve.tokenize_texts, body.input, body.add_special_tokens)
         scored = await score_sequences(request, sequences, "input")
     rewards = serve.normalize(scored.rewards)
     activation = next((a for a in (body.use_activation, body.activation) if a is not None), True)
@@ -474,6 +546,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({
         "status": "ok" if alive else "model worker stopped",
         "model": serve.cfg.model,
+        "precision": serve.scorer.precision,
         "max_length": serve.scorer.max_length,
         "normalized": serve.normalizer is not None,
         "queue_tokens": serve.batcher.queued_tokens,

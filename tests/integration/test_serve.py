@@ -19,6 +19,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -34,6 +36,7 @@ from rmtorch.serve import RemoteScorer
 from rmtorch.serve.__main__ import load_config
 from rmtorch.serve.app import build_app, exposure_warning
 from rmtorch.serve.batcher import MIN_SHARED_TOKENS
+from rmtorch.serve.client import ServerAnswerError
 from tests.conftest import REPO_ROOT, free_port
 from tests.unit.test_score import PROMPTS, RESPONSES, reward_alone
 
@@ -77,6 +80,42 @@ class LiveServer:
                 labels = ",".join(f"{k}={v}" for k, v in sample.labels.items())
                 values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
         return values
+
+
+class FakeServer:
+    """What may stand where a server should (a proxy, another service): answers every POST with `status`, `headers`
+    and `body` (bytes as they are, anything else as JSON) from a thread on a free 127.0.0.1 port; counts the POSTs."""
+
+    def __init__(self, body, status: int = 200, headers: dict | None = None):
+        if not isinstance(body, bytes):
+            body, headers = json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+        self.posts = 0
+        fake = self
+
+        class Answer(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                fake.posts += 1
+                self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # quiet: pytest shows what a test asserts
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __enter__(self) -> FakeServer:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def serving(scorer, normalizer=None, **options) -> LiveServer:
@@ -156,7 +195,10 @@ def assert_rewards(rewards, expected_ids: list[list[int]], model) -> None:
 
 def test_health_names_the_model_and_needs_nothing(server):
     answer = httpx.get(server.url + "/health").json()
-    assert answer == {"status": "ok", "model": "tiny-llama", "max_length": 512, "normalized": False, "queue_tokens": 0}
+    assert answer == {
+        "status": "ok", "model": "tiny-llama", "precision": "fp32", "max_length": 512, "normalized": False,
+        "queue_tokens": 0,
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["text", "messages"])
@@ -365,6 +407,32 @@ def test_bad_requests_get_400_with_a_sentence_and_the_server_serves_on(server, s
     assert server.post("/get_reward", {"query": [text]}).json()["rewards"] == [
         pytest.approx(reward_alone(scorer.model, text_ids(scorer.tokenizer, text)), abs=1e-5)
     ]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [("/get_reward", b'{"query": ["<s> fine", "<s> cut \\ud83d"]}', r"query\[1\] holds .* \(\\ud83d\) at character 8"),
+     ("/classify", b'{"input": "\\udc00 x"}', r"input\[0\] holds .* \(\\udc00\) at character 0"),
+     ("/score", b'{"completions": [" a", " b \\ud800"]}', r"completions\[1\] holds .* \(\\ud800\) at character 3"),
+     ("/score", b'{"prompts": [[{"role": "user", "content": "hi \\udfff"}]], "completions": [[{"role": "assistant", '
+                b'"content": "x"}]]}', r"prompts\[0\]\[0\]\.content holds .* \(\\udfff\) at character 3"),
+     ("/score", b'{"completions": [" a"], "x\\ud800": 1}', r"A key of the request body holds .* at character 1")],
+)  # fmt: skip
+def test_an_unpaired_surrogate_is_a_400_naming_the_row_and_the_connection_serves_on(server, path, body, message):
+    """A lone surrogate (a text cut inside an emoji's pair) made the tokenizer raise: a 500 with a traceback, and the
+    connection closed under the client's next request. It is refused with the request's other errors instead."""
+    with httpx.Client(timeout=60) as client:
+        refused = client.post(server.url + path, content=body, headers={"Content-Type": "application/json"})
+        # The same connection serves on; a surrogate pair (an emoji) is text like any other.
+        smile = b'{"query": ["<s> smile \\ud83d\\ude00"]}'
+        after = client.post(server.url + "/get_reward", content=smile, headers={"Content-Type": "application/json"})
+    assert refused.status_code == 400 and refused.json()["error"]["type"] == "invalid_request"
+    assert re.fullmatch(
+        message + r": that is not Unicode text and no tokenizer reads it \(.*\)\. Repair the text where it is made, "
+        r"or replace the character \(e\.g\. with U\+FFFD\)\.",
+        refused.json()["error"]["message"],
+    ), refused.json()
+    assert after.status_code == 200 and len(after.json()["rewards"]) == 1
 
 
 def test_unknown_paths_and_methods_answer_json(server):
@@ -587,7 +655,8 @@ def test_the_client_does_not_retry_a_non_finite_reward_and_says_why(scorer):
 
 @pytest.mark.parametrize(
     ("headers", "expected"), [({"Retry-After": "3"}, 3.0), ({"Retry-After": "Wed, 21 Oct 2026 07:28:00 GMT"}, 0.0),
-                              ({}, 0.0), ({"Retry-After": "-2"}, 0.0)],
+                              ({}, 0.0), ({"Retry-After": "-2"}, 0.0), ({"Retry-After": "nan"}, 0.0),
+                              ({"Retry-After": "inf"}, float("inf"))],
 )  # fmt: skip
 def test_retry_after_is_read_as_seconds_and_a_date_or_junk_is_ignored(headers, expected):
     from rmtorch.serve.client import _retry_after
@@ -663,6 +732,101 @@ def test_remote_scorer_uses_replicas_in_turn_and_skips_a_dead_one(tiny_model_dir
         RemoteScorer(dead, retries=2, backoff_s=0)(PROMPTS, RESPONSES)
 
 
+DETAILS = {"num_tokens": [3, 4], "truncated": [False, True], "unclosed_think": [False] * 2, "dropped_text": [True] * 2}
+BAD_ANSWERS = [
+    (b"<html><body>502 Bad Gateway</body></html>", False,
+     r"its body is not JSON \(text/html, starting '<html><body>502 Bad Gateway"),
+    ([0.5, 0.1], False, "its JSON is a list, not an object"),
+    ({"score": [0.5, 0.1]}, False, r"'rewards' is missing \(it has \['score'\]\)"),
+    ({"rewards": 0.5}, False, "'rewards' is float 0.5, not a list"),
+    ({"rewards": [0.5]}, False, "'rewards' has 1 values for the 2 rows sent"),
+    ({"rewards": [0.5, 0.1, 0.2]}, False, "'rewards' has 3 values for the 2 rows sent"),
+    ({"rewards": [0.5, "0.1"]}, False, r"'rewards\[1\]' is str '0.1', not a number"),
+    ({"rewards": [True, 0.1]}, False, r"'rewards\[0\]' is bool True, not a number"),
+    ({"rewards": [0.5, 0.1]}, True, r"'details' is missing \(return_details=True asks for it"),
+    ({"rewards": [0.5, 0.1], "details": [DETAILS]}, True, "'details' is list .*, not an object"),
+    ({"rewards": [0.5, 0.1], "details": {**DETAILS, "truncated": [False]}}, True,
+     "'details.truncated' has 1 values for the 2 rows sent"),
+    ({"rewards": [0.5, 0.1], "details": {**DETAILS, "num_tokens": [3, 4.0]}}, True,
+     r"'details.num_tokens\[1\]' is float 4.0, not a token count"),
+    ({"rewards": [0.5, 0.1], "details": {**DETAILS, "dropped_text": [0, 1]}}, True,
+     r"'details.dropped_text\[0\]' is int 0, not true or false"),
+    ({"rewards": [0.5, 0.1], "details": {k: v for k, v in DETAILS.items() if k != "unclosed_think"}}, True,
+     "'details.unclosed_think' is missing"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("body", "return_details", "problem"), BAD_ANSWERS)
+def test_remote_scorer_checks_every_answer_and_names_the_server(body, return_details, problem):
+    """A 200 answer RemoteScorer cannot use raises ServerAnswerError naming the URL and what is wrong; with one server
+    at once (the same URL would answer the same), instead of a raw JSONDecodeError, KeyError or TypeError."""
+    headers = {"Content-Type": "text/html"} if isinstance(body, bytes) else None
+    with FakeServer(body, headers=headers) as fake, RemoteScorer(fake.url, retries=3, backoff_s=0) as remote:
+        with pytest.raises(ServerAnswerError, match=re.escape(f"{fake.url}/score answered 200 but ") + problem) as err:
+            remote(PROMPTS[:2], RESPONSES[:2], return_details=return_details)
+    assert "That is not an rmtorch.serve answer: check that the URL is an rmtorch.serve server's" in str(err.value)
+    assert isinstance(err.value, ValueError) and fake.posts == 1
+
+
+@pytest.mark.parametrize(
+    "rewards", [b"[0.5, NaN]", b"[0.5, Infinity]", b"[0.5, -1e39]", b"[0.5, null]", b"[0.5, 1" + b"0" * 400 + b"]"]
+)
+def test_a_non_finite_reward_in_an_answer_is_final(rewards):
+    """A reward is the row's alone: a NaN, inf or null comes back from every replica, so the next is not asked."""
+    good = {"rewards": [0.5, 0.1], "normalized": False}
+    with FakeServer(b'{"rewards": %s}' % rewards) as nan, FakeServer(good) as other:
+        with RemoteScorer([nan.url, other.url], retries=3, backoff_s=0) as remote:
+            with pytest.raises(ServerAnswerError, match=re.escape(f"{nan.url}/score answered 200 but ") + (
+                r"the reward model gave a non-finite reward \(NaN, inf, null or past fp32\) to rows \[1\]; every "
+            )):  # fmt: skip
+                remote(PROMPTS[:2], RESPONSES[:2])
+    assert nan.posts == 1 and other.posts == 0
+
+
+def test_a_malformed_answer_is_tried_on_the_next_replica():
+    """With several servers, one that answers a page instead of rewards (a broken proxy) is passed over; when all
+    do, the error after the retries is still ServerAnswerError, naming the last."""
+    page = b"<html>maintenance</html>"
+    with FakeServer(page) as broken, FakeServer({"rewards": [0.5, 0.25], "normalized": False}) as good:
+        with RemoteScorer([broken.url, good.url], backoff_s=0) as remote:
+            rewards = remote(PROMPTS[:2], RESPONSES[:2])
+        assert broken.posts == good.posts == 1
+        with FakeServer(page) as other, RemoteScorer([broken.url, other.url], retries=2, backoff_s=0) as remote:
+            with pytest.raises(ServerAnswerError, match=(
+                "rmtorch.serve did not score the request in 3 attempts; the last: "
+                + re.escape(f"{broken.url}/score answered 200 but its body is not JSON")
+            )):  # fmt: skip
+                remote(PROMPTS[:2], RESPONSES[:2])
+    assert torch.equal(rewards, torch.tensor([0.5, 0.25]))
+    assert broken.posts == 3 and other.posts == 1
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "waits"),
+    [("inf", [0.05, 0.05]), ("1e999", [0.05, 0.05]), ("99999999999999999999", [0.05, 0.05]), ("3", [0.05, 0.05]),
+     ("-5", [0.01, 0.02]), ("nan", [0.01, 0.02]), ("Wed, 21 Oct 2026 07:28:00 GMT", [0.01, 0.02]), ("", [0.01, 0.02])],
+)  # fmt: skip
+def test_retry_after_never_raises_and_never_waits_past_max_backoff(monkeypatch, retry_after, waits):
+    """Retry-After is at least the wait, never more than max_backoff_s: inf or a huge number made time.sleep raise
+    OverflowError, NaN a ValueError; a negative number or an HTTP date is not a number of seconds to wait."""
+    import rmtorch.serve.client as client
+
+    slept = []
+    monkeypatch.setattr(client, "time", SimpleNamespace(sleep=slept.append))  # the client's sleeps only
+    overloaded = {"error": {"type": "overloaded", "message": "The queue is full."}}
+    with FakeServer(overloaded, status=503, headers={"Retry-After": retry_after}) as busy:
+        with RemoteScorer(busy.url, retries=2, backoff_s=0.01, max_backoff_s=0.05) as remote:
+            with pytest.raises(RuntimeError, match=re.escape(f"{busy.url}/score answered 503: The queue is full.")):
+                remote(PROMPTS[:1], RESPONSES[:1])
+    assert slept == pytest.approx(waits) and busy.posts == 3
+
+
+@pytest.mark.parametrize("options", [{"max_backoff_s": float("inf")}, {"backoff_s": -1.0}, {"retries": -1}])
+def test_remote_scorer_refuses_waits_it_could_not_keep(options):
+    with pytest.raises(ValueError, match="give retries >= 0, backoff_s >= 0 and a finite max_backoff_s >= 0"):
+        RemoteScorer("http://127.0.0.1:8000", **options)
+
+
 # --------------------------------------------------------------------------------------------- the command
 
 
@@ -734,3 +898,21 @@ def test_binding_beyond_localhost_without_a_key_warns(monkeypatch):
     monkeypatch.setenv("RMTORCH_SERVE_API_KEY", "from-env")
     assert load_config(["--host", "0.0.0.0"]).api_key == "from-env"
     assert load_config(["--api_key", "given"]).api_key == "given"
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_connection_serves_on(scorer, monkeypatch, caplog):
+    from rmtorch.serve import app as serve_app
+
+    def breaks(*args):
+        raise KeyError("something no check foresaw")
+
+    with serving(scorer) as live, httpx.Client(base_url=live.url, timeout=60) as client:
+        monkeypatch.setattr(serve_app.ServeState, "tokenize_texts", breaks)
+        failed = client.post("/classify", json={"input": ["<s> hello"]})
+        monkeypatch.undo()
+        after = client.post("/classify", json={"input": ["<s> hello"]})  # the same keep-alive connection
+        errors = live.metrics()["rmtorch_serve_errors_total{kind=internal_error}"]
+    assert failed.status_code == 500 and failed.json()["error"]["type"] == "internal_error"
+    assert "KeyError('something no check foresaw')" in failed.json()["error"]["message"]
+    assert after.status_code == 200 and errors == 1
+    assert not [r for r in caplog.records if r.name.startswith("uvicorn") and r.levelname == "ERROR"]

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from rmtorch.config import EvalConfig, ScoreConfig, TrainConfig, parse_config, to_yaml, trained_defaults
+from rmtorch.config import EvalConfig, ScoreConfig, ServeConfig, TrainConfig, parse_config, to_yaml, trained_defaults
 
 
 def test_config_yaml_then_cli_overrides(tmp_path):
@@ -56,10 +56,14 @@ def test_bad_lora_options_are_refused(argv, message):
 
 def test_shared_options_have_one_definition_and_one_default():
     fields = {cls: {f.name: f for f in dataclasses.fields(cls)} for cls in (TrainConfig, EvalConfig, ScoreConfig)}
-    for name in ("max_length", "truncation", "packing", "bf16", "max_tokens_per_batch", "margin_column", "on_bad_row"):
+    for name in ("truncation", "packing", "max_tokens_per_batch", "margin_column", "on_bad_row"):
         defined = [fields[cls][name] for cls in fields if name in fields[cls]]
         assert len(defined) >= 2, name
         assert len({(f.default, f.metadata["help"]) for f in defined}) == 1, name
+    # Precision and length of scoring: one definition for every scoring command (training has its own defaults).
+    scoring = {cls: {f.name: f for f in dataclasses.fields(cls)} for cls in (EvalConfig, ScoreConfig, ServeConfig)}
+    for name in ("bf16", "max_length"):
+        assert len({(fields[name].default, fields[name].metadata["help"]) for fields in scoring.values()}) == 1, name
 
 
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):

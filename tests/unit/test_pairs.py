@@ -5,9 +5,8 @@ from __future__ import annotations
 import datasets
 import pytest
 
-from rmtorch.builtin_data import builtin_pairs
 from rmtorch.files import PairDataError
-from rmtorch.pairs import prompt_ids, tokenize_pairs, tokenize_response
+from rmtorch.pairs import prompt_ids, tokenize_pairs, tokenize_response, validate_row
 
 
 def test_keep_end_cuts_the_prompt_from_the_left_and_keeps_bos(bos_tokenizer):
@@ -58,12 +57,24 @@ def test_skip_counts_bad_rows_and_keeps_their_messages(bos_tokenizer):
     assert "pairs.jsonl, row 2, field 'chosen'" in report.bad_rows[1]
 
 
-def test_builtin_dataset_is_deterministic_and_valid(smol_tokenizer):
-    rows = builtin_pairs(60, seed=3)
-    assert rows == builtin_pairs(60, seed=3) and rows != builtin_pairs(60, seed=4)
-    assert {r["category"] for r in rows} == {"arithmetic", "thinking", "facts"}
-    tokenized, report = tokenize_pairs(rows, smol_tokenizer, return_report=True)
-    assert report.pairs_out == 60 and report.skipped_bad == 0
+@pytest.mark.parametrize(
+    "field, fix",
+    [
+        ("prompt", r"Give at least one message, or leave 'prompt' out\."),
+        ("chosen", r"Give the conversation, ending with the assistant response, or remove the row\."),
+    ],
+)
+def test_an_empty_message_list_says_what_to_give(field, fix):
+    row = {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "b"}],
+        "rejected": [{"role": "assistant", "content": "c"}],
+        field: [],
+    }
+    with pytest.raises(
+        PairDataError, match=rf"row 4, field '{field}': expected a non-empty list of messages, got \[\]\. {fix}"
+    ):
+        validate_row(row, "pairs.jsonl, row 4")
 
 
 def test_prompt_length_is_the_prompt_and_is_shared_by_both_sides(bos_tokenizer, smol_tokenizer):

@@ -8,9 +8,10 @@ import copy
 import pytest
 import torch
 
+from rmtorch.files import PairDataError
 from rmtorch.model import backbone, score_head
-from rmtorch.pairs import tokenize_pairs, tokenize_response
-from rmtorch.score import RewardScorer
+from rmtorch.pairs import tokenize_pairs, tokenize_response, validate_row
+from rmtorch.score import RewardScorer, check_row_lists
 from tests.conftest import save_tiny_llama, tiny_llama
 
 PROMPTS = ["what color is the sky ?", "how many are 2 + 3 ?", "hello", "is it good ?"]
@@ -165,6 +166,72 @@ def test_bad_inputs_are_refused_with_a_sentence(smol_tokenizer, prompts, complet
     scorer = RewardScorer(tiny_llama(len(smol_tokenizer)), smol_tokenizer)
     with pytest.raises(ValueError, match=message):
         scorer(prompts, completions)
+
+
+USER = [{"role": "user", "content": "hi"}]
+ASSISTANT = [{"role": "assistant", "content": "y"}]
+BAD_MESSAGES = {
+    "empty completion list": (
+        [USER, USER],
+        [ASSISTANT, []],
+        r"Row 1, field 'completion': expected a non-empty list of messages, got \[\]\. For an empty response give "
+        r"\[\{'role': 'assistant', 'content': ''\}\]\.",
+    ),
+    "completion message without role": (
+        [USER],
+        [[{"content": "y"}]],
+        r"Row 0, field 'completion', message 0: each message needs 'role' and 'content' keys, got \{'content': 'y'\}",
+    ),
+    "prompt message without role": (
+        [USER, [{"role": "system", "content": "be brief"}, {"content": "hi"}]],
+        [ASSISTANT, ASSISTANT],
+        r"Row 1, field 'prompt', message 1: each message needs 'role' and 'content' keys",
+    ),
+    "unknown role": (
+        [USER],
+        [[{"role": "robot", "content": "y"}]],
+        r"Row 0, field 'completion', message 0: unknown role 'robot'; use one of system, user, assistant, tool\.",
+    ),
+    "completion not ending with the assistant": (
+        [USER],
+        [ASSISTANT + USER],
+        r"Row 0, field 'completion': the conversation must end with an assistant turn \(the response to score\), "
+        r"but it ends with 'user'",
+    ),
+    "content that is not text": (
+        [USER],
+        [[{"role": "assistant", "content": 5}]],
+        r"Row 0, field 'completion', message 0: 'content' must be text, got int",
+    ),
+}
+
+
+@pytest.mark.parametrize("prompts, completions, message", list(BAD_MESSAGES.values()), ids=list(BAD_MESSAGES))
+def test_messages_training_refuses_are_refused_naming_row_field_and_message(
+    bos_tokenizer, prompts, completions, message
+):
+    """Before, an empty completion list got "prompt is list and completion is list. Give both as ... lists" and
+    role 'robot' was scored."""
+    with pytest.raises(ValueError, match=message):
+        check_row_lists(prompts, completions)  # what RemoteScorer runs before any request
+    with pytest.raises(ValueError, match=message):
+        RewardScorer(tiny_llama(len(bos_tokenizer)), bos_tokenizer)(prompts, completions)
+
+
+@pytest.mark.parametrize("case", ["completion message without role", "unknown role", "content that is not text"])
+def test_scorer_and_training_share_one_message_rule(case):
+    """The same message list gets the same sentence from training (a chosen response) and the scorer."""
+    prompts, completions, _ = BAD_MESSAGES[case]
+    with pytest.raises(PairDataError) as scored:
+        check_row_lists(prompts, completions)
+    row = {"prompt": prompts[0], "chosen": completions[0], "rejected": ASSISTANT}
+    with pytest.raises(PairDataError) as trained:
+        validate_row(row, "pairs.jsonl, row 0")
+    assert str(scored.value).split(", message 0: ")[1] == str(trained.value).split(", message 0: ")[1]
+
+
+def test_empty_prompts_and_empty_responses_are_still_scored():
+    assert check_row_lists([None, []], [ASSISTANT, [{"role": "assistant", "content": ""}]]) == "messages"
 
 
 def test_conversations_need_a_chat_template(bos_tokenizer):

@@ -5,8 +5,9 @@
 Input: JSONL, JSON, Parquet or a saved `datasets` directory (the layouts train.py reads). Rows with a
 `completion` get `reward`; preference rows (`chosen`/`rejected`) get `chosen_reward` and `rejected_reward`.
 `prompt` is optional; strings and message lists both work. Every input field is copied to the output, which is
-written whole (to a temporary name, renamed at the end) or not at all. Rows are formatted exactly as training
-formats them (rmtorch.score). `python score.py --help` lists the options.
+written whole (to a temporary name, renamed at the end) or not at all, and replaces only a file an earlier
+score.py wrote and nobody changed since (a hidden marker beside it records that). Rows are formatted exactly as
+training formats them (rmtorch.score). `python score.py --help` lists the options.
 """
 
 from __future__ import annotations
@@ -19,25 +20,12 @@ import torch
 from tqdm.auto import tqdm
 
 from rmtorch.cli import run
-from rmtorch.config import ScoreConfig, parse_config, trained_defaults
+from rmtorch.config import ScoreConfig, parse_config, scoring_source, trained_defaults
 from rmtorch.files import PairDataError, Rows, read_rows
-from rmtorch.outputs import check_output_file
+from rmtorch.outputs import check_output_file, write_file_marker
 from rmtorch.score import RewardScorer
 
 DESCRIPTION = "Score a file of completions or preference pairs with a trained reward model."
-
-
-def is_score_output(path: Path) -> bool:
-    """An empty file, or JSONL whose first row carries a reward field: what an earlier score.py run wrote."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
-        first = handle.readline()
-    if not first.strip():
-        return True
-    try:
-        row = json.loads(first)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(row, dict) and any(key in row for key in ("reward", "chosen_reward"))
 
 
 def row_layout(rows: Rows) -> str:
@@ -95,13 +83,14 @@ def _file_row(message: str, rows: Rows) -> str:
 def main(argv: list[str] | None = None) -> Path:
     cfg = parse_config(argv, ScoreConfig, description=DESCRIPTION)
     trained = trained_defaults(cfg.model, ScoreConfig)
-    if trained:  # score the way the model was trained, command line still first
+    if trained:  # score the way the model was trained (scoring_defaults' rule), command line still first
         cfg = parse_config(argv, ScoreConfig, base=trained, description=DESCRIPTION)
     # Input and output are checked before the model loads; the output appears only when complete.
     rows = read_rows(cfg.input)
     layout = row_layout(rows)
     output = Path(cfg.output)
-    check_output_file(output, "--output", inputs=[cfg.input, cfg.model], ours=is_score_output)
+    # Replaced only when an earlier score.py wrote it, as its marker records: never labels or another run's scores.
+    check_output_file(output, "score", "--output", inputs=[cfg.input, cfg.model])
     output.parent.mkdir(parents=True, exist_ok=True)
 
     autocast = torch.bfloat16 if cfg.bf16 else None
@@ -120,7 +109,11 @@ def main(argv: list[str] | None = None) -> Path:
         tmp.replace(output)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"scored {len(rows)} rows from {cfg.input} with {cfg.model} ({cfg.part}) → {output}")
+    write_file_marker(output, "score", model=str(cfg.model), input=str(cfg.input))
+    print(
+        f"scored {len(rows)} rows from {cfg.input} with {cfg.model} ({cfg.part}; {scorer.precision}, max_length "
+        f"{scorer.max_length}, from {scoring_source(cfg.model)}) → {output}"
+    )
     return output
 
 

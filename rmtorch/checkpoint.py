@@ -3,7 +3,8 @@
 Layout under output_dir/checkpoints/: step-000020/ (one per save), and `latest`, a one-line file naming the
 newest complete checkpoint. A save writes `.tmp-step-N/` and renames it only once it is complete, then
 rewrites `latest` with an atomic os.replace, so a crash at any moment leaves `latest` naming a complete
-checkpoint. Leftover `.tmp-*` directories from a crash are removed by the next save.
+checkpoint. A save that fails (a full disk) removes its temp directory and stops the run with `error: ...`;
+leftover `.tmp-*` directories from a crash are removed by `--resume_from latest` and by the next save.
 
 Under FSDP and DeepSpeed every process writes its own shard of the model and optimizer into the one temp
 directory; the main process renames it only after all have finished. On several machines, output_dir must be on a
@@ -17,6 +18,7 @@ your own runs wrote.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -27,6 +29,7 @@ from pathlib import Path
 from rmtorch.files import write_text
 
 LOOP_STATE_FILE = "loop_state.json"
+LOW_DISK_BYTES = 64 << 20  # free space below this after a failed save: the disk is full
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -41,49 +44,86 @@ def _step_of(path: Path) -> int:
 def save_checkpoint(accelerator, output_dir: str | Path, loop_state: dict, keep_last: int = 2) -> Path:
     """Every process calls this. Writes accelerator.save_state to a temp dir, then the main process renames it
     and repoints `latest`; older checkpoints beyond `keep_last` (and any from a later step of an abandoned run)
-    are removed."""
+    are removed. A save that fails (a full disk) removes its temp dir and leaves `latest` as it was; an OSError
+    becomes an `error: ...` (SystemExit) naming the directory and what to do."""
     from accelerate.utils import gather_object
 
     root = checkpoints_dir(output_dir)
     name = f"step-{loop_state['step']:06d}"
     final_dir, tmp_dir, old_dir = root / name, root / f".tmp-{name}", root / f".old-{name}"
+    try:
+        if accelerator.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # saves run one at a time: from a crash
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp_dir.mkdir()
+        accelerator.wait_for_everyone()
+        # Under FSDP and DeepSpeed every process writes its own shard into tmp_dir: all must see the one directory.
+        if not all(gather_object([tmp_dir.is_dir()])):
+            raise FileNotFoundError(
+                f"Not every process sees {tmp_dir}, which the main process created: its checkpoint would miss their "
+                "shards. Put --output_dir on a filesystem that every machine of the run mounts."
+            )
+        accelerator.save_state(str(tmp_dir), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (tmp_dir / LOOP_STATE_FILE).write_text(json.dumps(loop_state, indent=2))
+            if final_dir.exists():  # the same step saved again (after a resume): the old copy stays until this is in
+                os.replace(final_dir, old_dir)
+            os.replace(tmp_dir, final_dir)
+            write_text(root / "latest", name + "\n")  # atomic: readers see the old or the new name, never half
+    except BaseException as err:  # an interrupt too: a half-written checkpoint only fills the disk
+        full = disk_full(err, root)  # before the cleanup frees space
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if accelerator.is_main_process and old_dir.exists() and not final_dir.exists():
+            os.replace(old_dir, final_dir)  # put back the copy this save was replacing
+        if full or isinstance(err, OSError) and err.errno is not None:
+            raise SystemExit(save_failed_message(err, full, tmp_dir, output_dir)) from err
+        raise
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in list(root.glob(".tmp-*")) + list(
-            root.glob(".old-*")
-        ):  # saves run one at a time: these are from a crash
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp_dir.mkdir()
-    accelerator.wait_for_everyone()
-    # Under FSDP and DeepSpeed every process writes its own shard into tmp_dir: all must see the one directory.
-    if not all(gather_object([tmp_dir.is_dir()])):
-        raise FileNotFoundError(
-            f"Not every process sees {tmp_dir}, which the main process created: its checkpoint would miss their "
-            "shards. Put --output_dir on a filesystem that every machine of the run mounts."
-        )
-    accelerator.save_state(str(tmp_dir), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp_dir / LOOP_STATE_FILE).write_text(json.dumps(loop_state, indent=2))
-        if (
-            final_dir.exists()
-        ):  # same step saved again (e.g. after a resume): keep the old copy until the new one is in place
-            os.replace(final_dir, old_dir)
-        os.replace(tmp_dir, final_dir)
-        write_text(root / "latest", name + "\n")  # atomic: readers see the old or the new name, never half
         shutil.rmtree(old_dir, ignore_errors=True)
         others = sorted((p for p in root.glob("step-*") if p.is_dir() and p != final_dir), key=_step_of)
         older = [p for p in others if _step_of(p) < loop_state["step"]]
-        for old in [p for p in others if _step_of(p) > loop_state["step"]] + older[
-            : max(0, len(older) - (keep_last - 1))
-        ]:
+        later = [p for p in others if _step_of(p) > loop_state["step"]]
+        for old in later + older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final_dir
 
 
+def disk_full(err: BaseException, directory: Path) -> bool:
+    """Whether a failed write ran out of space: torch and safetensors report it in their own exception types, and
+    torch's message does not say so, so a nearly empty disk counts too."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(err, Exception):
+        return False
+    if "No space left on device" in str(err) or "Disk quota exceeded" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(directory).free < LOW_DISK_BYTES
+    except OSError:
+        return False
+
+
+def save_failed_message(err: BaseException, full: bool, tmp_dir: Path, output_dir: str | Path) -> str:
+    """`error: ...` for a checkpoint save that failed: which directory, the system's reason, and what to do."""
+    if isinstance(err, OSError) and err.errno is not None:
+        reason = f"{(err.strerror or os.strerror(err.errno)).lower()} ({errno.errorcode.get(err.errno, err.errno)})"
+    else:  # torch and safetensors wrap the system's error in their own words
+        reason = f"no space left on device (ENOSPC); {type(err).__name__}: {err}"
+    fix = "free space on that disk (or move the run to a larger one)" if full else f"make {tmp_dir.parent} writable"
+    latest = tmp_dir.parent / "latest"
+    if latest.exists():
+        then = f"{latest} still names {latest.read_text().strip()}: {fix}, then continue with --resume_from latest."
+    else:
+        then = f"no earlier checkpoint exists: {fix}, then start again (a new --output_dir, or delete {output_dir})."
+    return f"error: saving checkpoint {tmp_dir} failed: {reason}. The incomplete directory was removed; {then}"
+
+
 def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
-    """'latest' → the checkpoint named by output_dir/checkpoints/latest; otherwise the given directory.
+    """'latest' → the checkpoint named by output_dir/checkpoints/latest (and the `.tmp-*` directories of saves cut
+    short by a crash are removed); otherwise the given directory.
 
     A checkpoint with a damaged file (cut short by a full disk, a copy, a crash of the storage) is refused with
     the file named; with 'latest', the newest older intact checkpoint is used instead, and a warning says so.
@@ -96,6 +136,8 @@ def resolve_checkpoint(resume_from: str, output_dir: str | Path) -> Path:
                 f"--resume_from latest: no checkpoint under {root} yet. Start without --resume_from, or check "
                 "--output_dir."
             )
+        for stale in root.glob(".tmp-*"):  # a save cut short by a crash: never a checkpoint, and it fills the disk
+            shutil.rmtree(stale, ignore_errors=True)
         name = pointer.read_text().strip()
         path = root / name
         if not path.exists() and (root / f".old-{name}").exists():

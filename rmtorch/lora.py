@@ -214,8 +214,17 @@ def merge_adapter(
         raise ValueError(f"merge_into must be 'trained' or 'original', got {merge_into!r}.")
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").exists():
+        if not adapter_dir.exists():
+            what = "does not exist"
+        elif not adapter_dir.is_dir():
+            what = "is a file, not an adapter directory"
+        elif (adapter_dir / "config.json").exists():
+            what = "holds a full model, not a LoRA adapter (no adapter_config.json): it needs no merge, load it as is"
+        else:
+            what = "is not a LoRA adapter directory (no adapter_config.json)"
         raise FileNotFoundError(
-            f"{adapter_dir} has no adapter_config.json: not a LoRA adapter directory (train with --lora)."
+            f"{adapter_dir} {what}. Merging expects the output directory of `train.py --lora`, which holds "
+            "adapter_config.json and adapter_model.safetensors."
         )
     output_dir = Path(output_dir) if output_dir is not None else adapter_dir / "merged"
     base = adapter_base(adapter_dir)

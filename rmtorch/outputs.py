@@ -1,11 +1,13 @@
 """Where rmtorch may write: never over what it did not write, never over its own inputs.
 
 Every directory rmtorch creates as an output (a training run, an evaluation report, a merged model) holds
-`rmtorch_run.json`, saying which command wrote it and, for a training run, with which options and data. A
-command refuses, before any work, an output location that is one of its inputs (the model, a data file, the
-base model of an adapter), a file where a directory is expected, or a non-empty directory that is not an
-rmtorch output of the same kind. A training run is continued only with `--resume_from` and the options and data
-it started with.
+`rmtorch_run.json`, saying which command wrote it and, for a training run, with which options and data. An output
+file (score.py's) gets a hidden marker beside it, `.NAME.rmtorch_run.json`, with the sha256 of what was written:
+the file is replaced later only while it is still exactly that. A command refuses, before any work, an output
+location that is one of its inputs (the model, a data file, the base model of an adapter), a file where a
+directory is expected, a non-empty directory that is not an rmtorch output of the same kind, a place inside a
+training run's own directories, and a place where it cannot create files. A training run is continued only with
+`--resume_from` and the options and data it started with.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,11 +31,22 @@ RESUME_FIXED = (
     "center_rewards_coefficient", "seed", "shuffle", "group_by_length", "lora", "lora_r", "lora_alpha",
     "lora_dropout", "lora_target", "load_in_4bit", "bf16", "gradient_checkpointing",
 )  # fmt: skip
+# What train.py writes inside its run directory: no other command may write there.
+RUN_SUBDIRS = ("checkpoints", "report", "trackers")
 
 
 def read_marker(directory: str | Path) -> dict | None:
     """The marker of an rmtorch output directory, or None (no marker, or one that is not rmtorch's JSON)."""
-    path = Path(directory) / RUN_MARKER
+    return _load_marker(Path(directory) / RUN_MARKER)
+
+
+def write_marker(directory: str | Path, kind: str, **info) -> Path:
+    from rmtorch import __version__
+
+    return write_json(Path(directory) / RUN_MARKER, {"kind": kind, "rmtorch_version": __version__, **info})
+
+
+def _load_marker(path: Path) -> dict | None:
     try:
         marker = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -40,10 +54,31 @@ def read_marker(directory: str | Path) -> dict | None:
     return marker if isinstance(marker, dict) and "kind" in marker else None
 
 
-def write_marker(directory: str | Path, kind: str, **info) -> Path:
+def file_marker_path(path: str | Path) -> Path:
+    """Where rmtorch records that it wrote the output file `path`: a hidden file beside it."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{RUN_MARKER}")
+
+
+def write_file_marker(path: str | Path, kind: str, **info) -> Path:
+    """Record that a `kind` command wrote `path` as it is now (its sha256), so a later run of it may replace it."""
     from rmtorch import __version__
 
-    return write_json(Path(directory) / RUN_MARKER, {"kind": kind, "rmtorch_version": __version__, **info})
+    record = {"kind": kind, "rmtorch_version": __version__, "file": Path(path).name, "sha256": fingerprint(path)}
+    return write_json(file_marker_path(path), {**record, **info})
+
+
+def _not_ours(path: Path, kind: str) -> str | None:
+    """Why the existing file `path` is not a `kind` command's own output, or None when it is (an empty file holds
+    nothing to lose)."""
+    if path.stat().st_size == 0:
+        return None
+    marker = _load_marker(file_marker_path(path))
+    if marker is None or marker["kind"] != kind or marker.get("file") != path.name:
+        return "exists and is not an output of this command"
+    if marker.get("sha256") != fingerprint(path):
+        return "exists and has changed since this command wrote it"
+    return None
 
 
 def _resolved(path) -> Path:
@@ -53,7 +88,8 @@ def _resolved(path) -> Path:
 def check_output_dir(path: str | Path, kind: str, option: str, inputs: Iterable[str | Path | None] = ()) -> None:
     """Refuse `path` as the output directory of a `kind` command (named `option` on the command line) unless it
     does not exist yet, is empty, or is an rmtorch output of the same kind; and refuse it when it is one of
-    `inputs`. Also checks that it can be created and written."""
+    `inputs`, or a training run's directory or one of its RUN_SUBDIRS. Also checks that it can be created and
+    written."""
     path = Path(path)
     target = _resolved(path)
     for source in inputs:
@@ -61,6 +97,17 @@ def check_output_dir(path: str | Path, kind: str, option: str, inputs: Iterable[
             raise ValueError(f"{option} {path} is also an input of this command ({source}); choose a new directory.")
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{option} {path} is a file; give a directory that does not exist yet.")
+    run_dir = _training_run_of(target)
+    if run_dir is not None:
+        inner = target.relative_to(run_dir).parts
+        if not inner:
+            where = "the directory of a training run"
+        else:
+            where = f"{'the' if len(inner) == 1 else 'inside the'} {inner[0]}/ directory of the run in {run_dir}"
+        raise FileExistsError(
+            f"{option} {path} is {where}: a run's directories belong to the run (train.py writes there); choose a new "
+            "directory elsewhere."
+        )
     if path.is_dir() and any(path.iterdir()):
         marker = read_marker(path)
         if marker is None:
@@ -77,32 +124,47 @@ def check_output_dir(path: str | Path, kind: str, option: str, inputs: Iterable[
     check_writable(path, option)
 
 
-def check_writable(path: Path, option: str) -> None:
-    """The nearest existing directory at or above `path` must be writable."""
-    existing = Path(path)
+def _training_run_of(path: Path) -> Path | None:
+    """The training run whose directory `path` (resolved) is, or lies in one of the run's RUN_SUBDIRS; else None."""
+    if (read_marker(path) or {}).get("kind") == "train":
+        return path
+    for run_dir in path.parents:
+        if path.relative_to(run_dir).parts[0] in RUN_SUBDIRS and (read_marker(run_dir) or {}).get("kind") == "train":
+            return run_dir
+    return None
+
+
+def check_writable(path: Path, option: str, is_file: bool = False) -> None:
+    """The nearest existing directory at or above `path` (above, for a file) must let this process create files. A
+    probe file is created and removed: permission bits do not tell for root, /proc or a read-only mount."""
+    existing = Path(path).parent if is_file else Path(path)
     while not existing.exists():
         existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a directory; choose another place.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"{option} {path}: cannot write in {existing} (permission denied); choose another place."
-        )
+        reason = "permission denied"
+    else:
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".rmtorch-probe-"):
+                return
+        except OSError as err:
+            reason = (err.strerror or str(err)).lower()
+    raise PermissionError(f"{option} {path}: cannot write in {existing} ({reason}); choose another place.")
 
 
-def check_output_file(path: str | Path, option: str, inputs: Iterable[str | Path | None], ours) -> None:
-    """Refuse `path` as an output file when it is an input, a directory, or an existing file that `ours(path)`
-    does not recognise as this command's own earlier output."""
+def check_output_file(path: str | Path, kind: str, option: str, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse `path` as the output file of a `kind` command when it is an input, a directory, or an existing file
+    that this command did not write (write_file_marker recorded it) or that changed since."""
     path = Path(path)
     for source in inputs:
         if source is not None and Path(source).exists() and _resolved(source) == _resolved(path):
             raise ValueError(f"{option} {path} is also an input of this command; write to a new file.")
     if path.is_dir():
         raise IsADirectoryError(f"{option} {path} is a directory; give a file name such as {path / 'scored.jsonl'}.")
-    if path.exists() and not ours(path):
-        raise FileExistsError(
-            f"{option} {path} exists and is not an output of this command; choose a new file name, or delete it "
-            "yourself."
-        )
-    check_writable(path.parent, option)
+    if path.exists() and (reason := _not_ours(path, kind)) is not None:
+        raise FileExistsError(f"{option} {path} {reason}; choose a new file name, or delete it yourself.")
+    check_writable(path, option, is_file=True)
 
 
 def fingerprint(path: str | Path | None) -> str | None:

@@ -12,7 +12,7 @@ import torch
 
 import score as score_cli
 from rmtorch.score import RewardScorer
-from tests.conftest import REPO_ROOT, pair_rows, run_script, train_argv, train_in_process, write_jsonl
+from tests.conftest import REPO_ROOT, launch, pair_rows, run_script, train_argv, train_in_process, write_jsonl
 from tests.unit.test_score import PROMPTS, RESPONSES
 
 
@@ -98,10 +98,27 @@ ERROR_CASES = {
         ["--model", "{model}", "--input", "{good}", "--output", "{good}"],
         r"error: --output {good} is also an input of this command",
     ),
-    "merge: not an adapter": (
+    "merge: a full model": (
         "merge_lora.py",
         ["--model", "{model}"],
-        r"error: {model} has no adapter_config\.json: not a LoRA adapter directory",
+        r"error: {model} holds a full model, not a LoRA adapter \(no adapter_config\.json\): it needs no merge, load "
+        r"it as is\. Merging expects the output directory of `train\.py --lora`, which holds adapter_config\.json",
+    ),
+    "merge: no such path": (
+        "merge_lora.py",
+        ["--model", "{tmp}/nope"],
+        r"error: {tmp}/nope does not exist\. Merging expects the output directory of `train\.py --lora`",
+    ),
+    "merge: not a model": (
+        "merge_lora.py",
+        ["--model", "{tmp}"],
+        r"error: {tmp} is not a LoRA adapter directory \(no adapter_config\.json\)\. Merging expects",
+    ),
+    "train: output_dir where nothing can be created": (
+        "train.py",
+        ["--output_dir", "/proc/rmtorch_test/out"],
+        r"error: --output_dir /proc/rmtorch_test/out: cannot write in /proc \((no such file or directory|permission "
+        r"denied)\); choose another place\.",
     ),
 }
 
@@ -134,6 +151,25 @@ def test_errors_are_one_line_without_a_traceback_and_leave_nothing_behind(tmp_pa
         message.format(**{k: re.escape(v) for k, v in files.items()}), result.stderr.strip().splitlines()[-1]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output directory, no partial output file
+
+
+@pytest.mark.parametrize("steps, words", [(1, "training 1 step:"), (2, "training 2 steps:")])
+def test_the_step_count_is_said_in_good_english(tmp_path, tiny_model_dir, capsys, steps, words):
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
+    train_in_process(train_argv(tiny_model_dir, data, tmp_path / "out", "--max_steps", str(steps)))
+    assert words in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_deepspeed_progress_bars_and_log_lines_are_clean(tmp_path, tiny_model_dir):
+    """ZeRO's first step called a collective torch deprecates: each process printed a FutureWarning into the
+    progress bar. And tqdm.write printed every step line once per process."""
+    pytest.importorskip("deepspeed", reason="pip install deepspeed (CPU works: it runs on gloo)")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
+    result = launch("deepspeed_zero2.yaml", train_argv(tiny_model_dir, data, tmp_path / "out", "--log_every", "1"))
+    assert "FutureWarning" not in result.stderr, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert [line.split("  ")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
 
 
 def test_import_rmtorch_is_cheap_and_changes_nothing():

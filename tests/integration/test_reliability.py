@@ -7,6 +7,7 @@ exit (SystemExit with the `error: ...` line, status 1), the message, and that ev
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import re
@@ -148,6 +149,93 @@ def test_evaluate_and_score_refuse_foreign_outputs_and_replace_their_own(files):
     for _ in range(2):
         evaluate.main([*base, "--data", str(files["eval"]), "--report", str(files["root"] / "own_report")])
     assert (files["root"] / "own_report" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("existing", ["human labels", "a run's scores", "its own output, edited since"])
+def test_score_py_replaces_only_what_it_wrote_itself(files, existing, monkeypatch):
+    """Judged by the marker score.py writes beside its output, not by reward columns, which labels have too."""
+    base = ["--model", str(files["model"]), "--bf16", "false", "--input", str(files["eval"])]
+    if existing == "human labels":
+        target = write_jsonl(files["root"] / "labels.jsonl", [{"completion": " yes", "reward": 1.0}])
+    elif existing == "a run's scores":
+        target = files["root"] / "run" / "report" / "scores.jsonl"
+        target.parent.mkdir(parents=True)
+        write_jsonl(target, [{"row": 0, "chosen_reward": 0.3, "rejected_reward": -0.1}])
+    else:
+        target = files["root"] / "scored.jsonl"
+        score_cli.main([*base, "--output", str(target)])
+        write_jsonl(target, [{**row, "label": "checked by hand"} for row in read_jsonl(target)])
+    monkeypatch.setattr(score_cli.RewardScorer, "from_pretrained", _no_model_load)
+    message = "has changed since this command wrote it" if "edited" in existing else "is not an output of this command"
+    refused(
+        score_cli.main,
+        [*base, "--output", str(target)],
+        rf"--output {target} exists and {message}; choose a new file name, or delete it yourself\.",
+        files["root"],
+    )
+
+
+def test_evaluate_refuses_a_training_runs_directories(files, monkeypatch):
+    run_dir = files["root"] / "run"
+    train_in_process(args(files, run_dir, "--save_every", "1"))
+    monkeypatch.setattr(evaluate, "load_reward_model", _no_model_load)
+    base = ["--model", str(files["model"]), "--bf16", "false", "--data", str(files["eval"])]
+    for report, message in [
+        (run_dir / "report", rf"--report {run_dir}/report is the report/ directory of the run in {run_dir}: a run's"),
+        (run_dir / "checkpoints", r"is the checkpoints/ directory of the run in"),
+        (run_dir, rf"--report {run_dir} is the directory of a training run: a run's directories belong to the run"),
+    ]:
+        refused(evaluate.main, [*base, "--report", str(report)], message, files["root"])
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc (Linux)")
+def test_a_place_nothing_can_be_written_to_is_refused_before_the_model_loads(files, monkeypatch):
+    """/proc passes a permission check even for root, and refuses every new file."""
+    for module in (train, evaluate):
+        monkeypatch.setattr(module, "load_reward_model", _no_model_load)
+    monkeypatch.setattr(score_cli.RewardScorer, "from_pretrained", _no_model_load)
+    cannot = r": cannot write in /proc \((no such file or directory|permission denied)\); choose another place\."
+    argv = args(files, "/proc/rmtorch_test/out")
+    refused(train.main, argv, r"--output_dir /proc/rmtorch_test/out" + cannot, files["root"])
+    base = ["--model", str(files["model"]), "--bf16", "false"]
+    output = ["--input", str(files["eval"]), "--output", "/proc/rmtorch_test/scored.jsonl"]
+    refused(score_cli.main, [*base, *output], r"--output /proc/rmtorch_test/scored\.jsonl" + cannot, files["root"])
+    report = ["--data", str(files["eval"]), "--report", "/proc/rmtorch_test/report"]
+    refused(evaluate.main, [*base, *report], r"--report /proc/rmtorch_test/report" + cannot, files["root"])
+
+
+def _no_model_load(*args, **kwargs):
+    raise AssertionError("the model loaded before the output location was checked")
+
+
+def test_a_full_disk_during_a_save_stops_cleanly_and_the_run_resumes(files, monkeypatch):
+    """The failed save leaves no .tmp-step-* behind (it would keep the disk full) and `latest` as it was."""
+    import accelerate
+
+    run_dir = files["root"] / "run"
+    save_state, calls = accelerate.Accelerator.save_state, []
+
+    def disk_full_at_the_second_save(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            (Path(output_dir) / "model.safetensors").write_bytes(b"the first bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_state(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", disk_full_at_the_second_save)
+    argv = args(files, run_dir, "--max_steps", "3", "--save_every", "1")
+    checkpoints = run_dir / "checkpoints"
+    with pytest.raises(SystemExit) as exit_info:
+        run(train.main, argv)
+    assert exit_info.value.code == (
+        f"error: saving checkpoint {checkpoints}/.tmp-step-000002 failed: no space left on device (ENOSPC). The "
+        f"incomplete directory was removed; {checkpoints}/latest still names step-000001: free space on that disk (or "
+        "move the run to a larger one), then continue with --resume_from latest."
+    )
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000001"]
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)  # space freed
+    assert train_in_process([*argv, "--resume_from", "latest"])["train_steps"] == 3
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000002", "step-000003"]
 
 
 def test_an_unwritable_output_location_is_named(files):

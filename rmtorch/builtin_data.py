@@ -55,6 +55,7 @@ EVASIONS = [
 ]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "cookies", "shells"]
 NAMES = ["Tom", "Ana", "Lee", "Sara", "Omar", "Mia", "Ivan", "Zoe"]
+MAX_DRAWS = 10_000  # draws of one kind that only repeat earlier pairs before the kind counts as used up
 
 
 def _wrong(value: int, rng: random.Random) -> int:
@@ -117,8 +118,26 @@ def _facts(rng: random.Random) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "category": "facts"}
 
 
-def builtin_pairs(num_pairs: int = 1200, seed: int = 0) -> list[dict]:
-    """`num_pairs` standard-format rows {prompt, chosen, rejected, category}, an even mix of the three kinds."""
+def builtin_pairs(num_pairs: int = 1000, seed: int = 0) -> list[dict]:
+    """`num_pairs` standard-format rows {prompt, chosen, rejected, category}, an even mix of the three kinds.
+
+    No pair occurs twice (same prompt + chosen and prompt + rejected, the texts training tokenizes): a draw that
+    repeats an earlier pair is drawn again, so rows held out for eval share no pair with the training rows.
+    """
     rng = random.Random(seed)
     makers = [_arithmetic, _thinking, _facts]
-    return [makers[i % len(makers)](rng) for i in range(num_pairs)]
+    rows, seen = [], set()
+    for i in range(num_pairs):
+        for _ in range(MAX_DRAWS):
+            row = makers[i % len(makers)](rng)
+            key = (row["prompt"] + row["chosen"], row["prompt"] + row["rejected"])
+            if key not in seen:
+                break
+        else:
+            raise ValueError(
+                f"The built-in dataset has no more distinct {row['category']} pairs after {len(rows)} rows. Use "
+                f"--builtin_size {len(rows)} or fewer, or give --train_file."
+            )
+        seen.add(key)
+        rows.append(row)
+    return rows

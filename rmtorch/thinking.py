@@ -10,7 +10,8 @@ Everything here works on the token ids the reward model sees, never on regexes o
   the tokens stay where the rule above puts them, and the caller decides what an unclosed row is worth.
 
 `thinking_quality` combines the structure of the thinking (depth, steps, self-questioning) with the reward
-model's score of prompt + thinking; see its docstring for the formula.
+model's score of prompt + thinking, and takes it to 0 for thinking that loops (the same word or phrase over and
+over); see its docstring for the formula.
 """
 
 from __future__ import annotations
@@ -151,6 +152,19 @@ class ThinkingWeights:
         default=3, metadata={"help": "Questions + reflection phrases at which reflection reaches 1."}
     )
     reward_temperature: float = field(default=1.0, metadata={"help": "Scale of the reward before the sigmoid."})
+    ngram: int = field(
+        default=3, metadata={"help": "Length in word tokens of the n-grams whose distinct share measures repetition."}
+    )
+    min_distinct: float = field(
+        default=0.25,
+        metadata={"help": "Distinct n-gram share at or below which quality is 0 (a word repeated 6 times has 0.25)."},
+    )
+    full_distinct: float = field(
+        default=0.5,
+        metadata={
+            "help": "Distinct n-gram share from which repetition costs nothing (real reasoning keeps 0.6 or more)."
+        },
+    )
     phrases: tuple[str, ...] = field(
         default=REFLECTION_PHRASES,
         metadata={
@@ -158,6 +172,14 @@ class ThinkingWeights:
             "leading space)."
         },
     )
+
+    def __post_init__(self):
+        if not (self.ngram >= 1 and 0 <= self.min_distinct < self.full_distinct <= 1):
+            raise ValueError(
+                f"ThinkingWeights: got ngram={self.ngram}, min_distinct={self.min_distinct}, "
+                f"full_distinct={self.full_distinct}; ngram must be at least 1 and "
+                "0 <= min_distinct < full_distinct <= 1."
+            )
 
 
 class ThinkingVocab:
@@ -203,6 +225,20 @@ class ThinkingVocab:
                 line_words, line_question = 0, False
         return content, steps, questions, self.count_phrases(thinking_ids)
 
+    def distinct_share(self, thinking_ids: list[int], n: int = 3) -> float:
+        """Distinct word n-grams / word n-grams of one thinking span; 1.0 when it has fewer than n word tokens.
+
+        Word tokens are compared by their text without case or surrounding whitespace ("Wait", " wait" and
+        " Wait" are one word), so a phrase repeated k times keeps about 1/k of its n-grams distinct.
+        """
+        words = [
+            text.strip().lower()
+            for text in (self.text(i) for i in thinking_ids if i not in self.marker_ids)
+            if any(c.isalnum() for c in text)
+        ]
+        ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        return len(set(ngrams)) / len(ngrams) if ngrams else 1.0
+
     def count_phrases(self, ids: list[int]) -> int:
         count = 0
         for phrase in self.phrase_ids:
@@ -219,6 +255,7 @@ class ThinkingQuality:
     depth: torch.Tensor
     steps: torch.Tensor
     reflection: torch.Tensor
+    novelty: torch.Tensor  # 1 for thinking that does not loop, down to 0 for a word or phrase repeated over and over
     judged: torch.Tensor  # sigmoid(reward(prompt + thinking) / temperature); 0 where there is no thinking
     thinking_reward: torch.Tensor  # raw reward of prompt + thinking; NaN where there is no thinking
     unclosed_think: torch.Tensor
@@ -235,7 +272,18 @@ def thinking_quality(scorer, prompts, completions, weights: ThinkingWeights | No
         steps      = min(1, steps / target_steps)
         reflection = min(1, reflections / target_reflections)
         judged     = sigmoid(reward(prompt + thinking) / reward_temperature)
-        quality    = w_depth * depth + w_steps * steps + w_reflection * reflection + w_reward * judged
+        distinct   = distinct word n-grams / word n-grams of the thinking (n = ngram; words compared without case
+                     or surrounding whitespace; 1 below n words)
+        novelty    = clamp((distinct - min_distinct) / (full_distinct - min_distinct), 0, 1)
+        quality    = novelty * (w_depth * depth + w_steps * steps + w_reflection * reflection + w_reward * judged)
+
+    Why novelty: every count above grows when the thinking repeats itself, so "wait " x 10 (ten reflections) once
+    outscored a real reasoning line. A word or phrase of p words repeated k times keeps p / (kp - 2) of its
+    3-grams distinct, about 1/k ("wait " x 10: 0.125, so quality 0), while real reasoning reuses phrases but keeps
+    most of them distinct (492 closed R1-distill-Qwen-32B traces on GSM8K: 0.60 to 0.99, median 0.89, falling to
+    about 0.7 at 1,200 words), so the defaults take nothing off it (unclosed traces that loop until the length
+    limit lose up to a third). It multiplies the reward model's part too: a loop that a reward model happens to
+    like is still a loop.
 
     A row with no thinking content scores 0 (its thinking is not sent to the reward model). Unclosed thinking is
     scored as written and flagged in `unclosed_think`. `scorer` is a `rmtorch.score.RewardScorer`.
@@ -254,5 +302,8 @@ def thinking_quality(scorer, prompts, completions, weights: ThinkingWeights | No
     depth = (content / weights.depth_tokens).clamp(max=1.0)
     steps = (step_lines / weights.target_steps).clamp(max=1.0)
     reflection = ((questions + reflections) / weights.target_reflections).clamp(max=1.0)
-    quality = weights.depth * depth + weights.steps * steps + weights.reflection * reflection + weights.reward * judged
-    return ThinkingQuality(quality, depth, steps, reflection, judged, thinking_reward, split.unclosed_think)
+    distinct = torch.tensor([vocab.distinct_share(ids, weights.ngram) for ids in split.thinking_ids])
+    novelty = ((distinct - weights.min_distinct) / (weights.full_distinct - weights.min_distinct)).clamp(0.0, 1.0)
+    structure = weights.depth * depth + weights.steps * steps + weights.reflection * reflection
+    quality = novelty * (structure + weights.reward * judged)
+    return ThinkingQuality(quality, depth, steps, reflection, novelty, judged, thinking_reward, split.unclosed_think)

@@ -237,25 +237,27 @@ def test_reflection_phrases_match_whole_tokens_only(qwen3_tokenizer):
 def test_quality_follows_the_documented_formula(qwen3_tokenizer, qwen3_model):
     weights = ThinkingWeights(depth_tokens=20, target_steps=2, target_reflections=10, reward_temperature=2.0)
     scorer = RewardScorer(qwen3_model, qwen3_tokenizer)
-    prompts = ["What is 2 + 3?\n"] * 3
-    completions = [STRUCTURED, "<think>I will just guess.</think> 7", "7"]
+    prompts = ["What is 2 + 3?\n"] * 4
+    # The third row loops: 5 words, 3 trigrams, 1 distinct -> distinct 1/3, novelty (1/3 - 0.25) / 0.25 = 1/3.
+    completions = [STRUCTURED, "<think>I will just guess.</think> 7", "<think>wait wait Wait wait wait</think> 5", "7"]
     result = thinking_quality(scorer, prompts, completions, weights)
-    thinking_rewards = scorer(prompts[:2], completions[:2], part="thinking")
-    torch.testing.assert_close(result.thinking_reward[:2], thinking_rewards, atol=1e-6, rtol=0)
-    assert math.isnan(result.thinking_reward[2])
-    features = [
-        ThinkingVocab(qwen3_tokenizer, THINK).features(split_completion(encode(qwen3_tokenizer, c), THINK)[0])
-        for c in completions[:2]
-    ]
-    for row, (content, lines, questions, reflections) in enumerate(features):
-        expected = (
+    thinking_rewards = scorer(prompts[:3], completions[:3], part="thinking")
+    torch.testing.assert_close(result.thinking_reward[:3], thinking_rewards, atol=1e-6, rtol=0)
+    assert math.isnan(result.thinking_reward[3])
+    vocab = ThinkingVocab(qwen3_tokenizer, THINK)
+    thinkings = [split_completion(encode(qwen3_tokenizer, c), THINK)[0] for c in completions[:3]]
+    for row, thinking_ids in enumerate(thinkings):
+        content, lines, questions, reflections = vocab.features(thinking_ids)
+        novelty = min(1, max(0, (vocab.distinct_share(thinking_ids) - 0.25) / (0.5 - 0.25)))
+        expected = novelty * (
             0.25 * min(1, content / 20)
             + 0.25 * min(1, lines / 2)
             + 0.2 * min(1, (questions + reflections) / 10)
             + 0.3 * torch.sigmoid(thinking_rewards[row] / 2.0).item()
         )
         assert result.quality[row].item() == pytest.approx(expected, abs=1e-6)
-    assert result.quality[2].item() == 0.0  # no thinking
+    assert result.novelty.tolist() == pytest.approx([1.0, 1.0, 1 / 3, 1.0])
+    assert result.quality[3].item() == 0.0  # no thinking
     assert (
         result.depth[0] > result.depth[1]
         and result.steps[0] == 1.0
@@ -284,3 +286,48 @@ def test_quality_prefers_worked_real_reasoning_over_a_guess(qwen3_tokenizer, qwe
     ]
     quality = thinking_quality(scorer, prompts, completions, structure_only).quality
     assert (quality[:3] > quality[3:]).all()
+
+
+DEGENERATE = [
+    "wait " * 10,
+    "Wait, " * 10,
+    "wait wait\n" * 10,
+    "let me check " * 10,
+    "Wait, is that right?\n" * 10,
+    "Hmm, let me verify.\n" * 8,
+    "Add 2 and 3 to get 5.\n" * 8,
+]
+
+
+def test_distinct_share_counts_repeated_words_once_whatever_their_case_or_space(qwen3_tokenizer):
+    vocab = ThinkingVocab(qwen3_tokenizer, THINK)
+    share = lambda text: vocab.distinct_share(encode(qwen3_tokenizer, "<think>\n" + text + "</think>"))  # noqa: E731
+    assert share("wait " * 10) == share("Wait wait WAIT " * 3 + "wait") == pytest.approx(1 / 8)  # 10 words, 8 trigrams
+    assert share("let me check " * 10) == pytest.approx(3 / 28)
+    assert share("Add 2 and 3 to get 5.") == 1.0
+    assert share("wait wait") == 1.0  # fewer words than a trigram: nothing can repeat
+    assert vocab.distinct_share(encode(qwen3_tokenizer, "wait " * 10), n=1) == pytest.approx(1 / 10)
+
+
+def test_repeating_a_word_or_phrase_scores_below_real_reasoning(qwen3_tokenizer, qwen3_model, traces):
+    """ "wait " x 10 (ten reflection phrases) once outscored a real reasoning line; loops now score 0, real R1
+    traces keep their full score, with the reward model's part and without it."""
+    closed, _ = traces
+    scorer = RewardScorer(qwen3_model, qwen3_tokenizer)
+    real_line = "<think>\nAdd 2 and 3 to get 5.\n</think>\n\n5"
+    loops = ["<think>\n" + text + "</think>\n\n5" for text in DEGENERATE]
+    real_traces = [completion_text(row) for row in closed]
+    completions = loops + [real_line] + real_traces
+    prompts = ["What is 2 + 3?\n"] * (len(loops) + 1) + [row["question"] + "\n" for row in closed]
+    for weights in (ThinkingWeights(), ThinkingWeights(reward=0.0)):
+        result = thinking_quality(scorer, prompts, completions, weights)
+        loop_quality, real_quality = result.quality[: len(loops)], result.quality[len(loops) :]
+        assert (loop_quality == 0.0).all() and (real_quality > 0.0).all()
+        assert (result.novelty[len(loops) :] == 1.0).all()  # nothing taken off real reasoning
+    # What the loops were paid for before: full reflection (the phrases) or full steps (the repeated line).
+    assert (result.reflection[: len(loops) - 1] == 1.0).all() and result.steps[len(loops) - 1] == 1.0
+
+
+def test_repetition_thresholds_must_be_ordered():
+    with pytest.raises(ValueError, match=r"min_distinct=0\.6, full_distinct=0\.5; .* 0 <= min_distinct < full"):
+        ThinkingWeights(min_distinct=0.6, full_distinct=0.5)

@@ -11,12 +11,14 @@ path and report as evaluate.py); then `main`, the loop, one concern per commente
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,34 +42,33 @@ from rmtorch.checkpoint import (
 from rmtorch.cli import run, set_cpu_threads
 from rmtorch.config import TrainConfig, parse_config, to_yaml, tracker_names
 from rmtorch.files import Rows, read_rows, write_json, write_text
-from rmtorch.lora import apply_lora, merge_adapter, quantization_config_4bit, save_adapter
+from rmtorch.loading import load_reward_model, quantization_config_4bit, resolve_model_path
+from rmtorch.lora import apply_lora, merge_adapter, save_adapter
 from rmtorch.loss import pairwise_loss
 from rmtorch.metrics import StepMetrics, pair_report, report_scalars
-from rmtorch.model import (
-    RewardModel,
-    compile_elementwise,
-    disable_dropout,
-    enable_gradient_checkpointing,
-    load_reward_model,
-    resolve_model_path,
-    score_pairs,
-)
-from rmtorch.outputs import check_new_run, check_resume, fingerprint, read_marker, write_marker
+from rmtorch.model import RewardModel, compile_elementwise, disable_dropout, enable_gradient_checkpointing, score_pairs
+from rmtorch.outputs import check_new_run, check_resume, check_writable, fingerprint, read_marker, write_marker
 from rmtorch.pairs import TokenizeReport, shared_pairs, tokenize_pairs
 from rmtorch.report import plot_training_curves, write_report
 
 MAX_NONFINITE_STEPS_IN_A_ROW = 5
+DEEPSPEED_DEPRECATION = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """The Accelerator of this launch (one process, DDP, FSDP or DeepSpeed; GPUs or CPU processes). The scheduler is
     stepped by hand once per optimizer step; prepare() only makes it part of the checkpoints (under DeepSpeed the
     engine steps it)."""
-    return launch_accelerator(
+    accelerator = launch_accelerator(
         mixed_precision="bf16" if cfg.bf16 else "no", grad_accum=cfg.grad_accum, batch_size=cfg.batch_size,
         max_grad_norm=cfg.max_grad_norm, step_scheduler_with_optimizer=False,
         log_with=tracker_names(cfg.report_to) or None, project_dir=str(Path(cfg.output_dir) / "trackers"),
     )  # fmt: skip
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # ZeRO's first step calls a torch collective that torch deprecates; every process printed the FutureWarning
+        # into the progress bar, and only a DeepSpeed release can act on it.
+        warnings.filterwarnings("ignore", message=DEEPSPEED_DEPRECATION, category=FutureWarning)
+    return accelerator
 
 
 def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[RewardModel, object]:
@@ -163,24 +164,45 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_st
     return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
+def optimizer_steps(train_loader, state: dict, cfg: TrainConfig, accelerator: Accelerator) -> Iterator:
+    """Each optimizer step's micro-batches as (how many, an iterator over them): grad_accum, or fewer in an epoch's
+    last step; epochs follow each other from where `state` stands (a resumed run skips what its checkpoint did).
+    The batches are fetched while the step runs, so Accelerate still sees each epoch's end."""
+    while True:
+        train_loader.set_epoch(state["epoch"])  # the prepared loader re-sets the sampler's epoch on iteration
+        done = state["batches_done_in_epoch"]
+        batches = iter(accelerator.skip_first_batches(train_loader, done) if done else train_loader)
+        while (window := min(cfg.grad_accum, len(train_loader) - state["batches_done_in_epoch"])) > 0:
+            state["batches_done_in_epoch"] += window
+            yield window, itertools.islice(batches, window)
+        state["epoch"], state["batches_done_in_epoch"] = state["epoch"] + 1, 0
+
+
 def train_step(
-    reward_model, batch: dict, accelerator: Accelerator, cfg: TrainConfig, window: int
-) -> tuple[torch.Tensor, ...]:
-    """One micro-batch of a step of `window` micro-batches: chosen and rejected in one forward, the pairwise loss,
-    backward. Returns (loss, chosen rewards, rejected rewards), detached tensors: nothing is read to the host here."""
-    rewards = reward_model(**model_inputs(batch))  # (2B,): chosen then rejected
-    chosen, rejected = rewards.chunk(2)
-    loss = pairwise_loss(chosen, rejected, batch.get("margin"), cfg.center_rewards_coefficient)
-    # Accelerate divides by grad_accum; a shorter last step of an epoch takes the mean of its own micro-batches (TRL).
-    accelerator.backward(loss if window == cfg.grad_accum else loss * (cfg.grad_accum / window))
-    return loss.detach(), chosen.detach(), rejected.detach()
-
-
-def step_window(micro_batch: int, micro_batches_in_epoch: int, grad_accum: int) -> int:
-    """Micro-batches in the optimizer step that the epoch's `micro_batch`-th (from 1) belongs to: grad_accum, or fewer
-    in an epoch's last step when the epoch does not divide evenly."""
-    short = micro_batches_in_epoch % grad_accum
-    return short if short and micro_batch > micro_batches_in_epoch - short else grad_accum
+    reward_model, micro_batches, window: int, optimizer, accelerator: Accelerator, cfg: TrainConfig
+) -> dict:
+    """One optimizer step: for each of its `window` micro-batches chosen and rejected in one forward, the pairwise
+    loss and backward; then clipping, and the update unless a loss or gradient is non-finite (DeepSpeed's engine has
+    applied it inside backward already). Returns the step's metrics, read to the host once."""
+    stats = StepMetrics(accelerator.device)
+    # Under bf16 the step's micro-batches share one autocast region, whose cache casts each weight to bf16 once.
+    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        for batch in micro_batches:
+            with accelerator.accumulate(reward_model):
+                rewards = reward_model(**model_inputs(batch))  # (2B,): chosen then rejected
+                chosen, rejected = rewards.chunk(2)
+                loss = pairwise_loss(chosen, rejected, batch.get("margin"), cfg.center_rewards_coefficient)
+                # Accelerate divides by grad_accum; a short last step of an epoch takes the mean of its own (TRL).
+                accelerator.backward(loss * (cfg.grad_accum / window))
+                stats.add(loss.detach(), chosen.detach(), rejected.detach(), batch["attention_mask"].sum())
+    if not accelerator.sync_gradients:  # the step's end by our count and by Accelerate's must agree
+        raise RuntimeError(f"a step of {window} micro-batches ended without Accelerate's gradient synchronization")
+    grad_norm = accelerator.clip_grad_norm_(reward_model.parameters(), cfg.max_grad_norm or math.inf)
+    record = stats.reduce(accelerator, grad_norm_tensor(grad_norm))  # the step's one host sync
+    if record["finite"]:
+        optimizer.step()
+    optimizer.zero_grad()
+    return record
 
 
 def evaluate(reward_model, eval_set, tokenizer, cfg: TrainConfig, accelerator: Accelerator) -> tuple[dict, list[dict]]:
@@ -192,17 +214,37 @@ def evaluate(reward_model, eval_set, tokenizer, cfg: TrainConfig, accelerator: A
     return pair_report(eval_set, chosen, rejected, cfg.category_column)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(argv, TrainConfig, description="Train a reward model (pairwise loss) with an Accelerate loop.")
-    # Where we write and what we resume, checked before any work, so a bad start leaves nothing behind.
+def check_run_dir(cfg: TrainConfig) -> tuple[Path | None, dict]:
+    """Where the run writes and what it resumes: (the checkpoint to resume from or None, the data files'
+    fingerprints). A resumed run must match the options and data of the run that wrote its checkpoint; a new run (or
+    one continued from another run's checkpoint) never goes into a used or foreign directory."""
     data_files = {name: fingerprint(path) for name in ("train_file", "eval_file") if (path := getattr(cfg, name))}
     checkpoint = resolve_checkpoint(cfg.resume_from, cfg.output_dir) if cfg.resume_from else None
     owner = checkpoint.resolve().parent.parent if checkpoint is not None else None  # RUN of RUN/checkpoints/step-N
-    if owner is not None:  # the options and data of the run that wrote the checkpoint
+    if owner is not None:
         check_resume(owner, dataclasses.asdict(cfg), data_files)
     if owner != Path(cfg.output_dir).resolve():
-        # A new run, or one continued from another run's checkpoint: never into a used or foreign directory.
         check_new_run(cfg.output_dir, inputs=[cfg.model, cfg.train_file, cfg.eval_file])
+    else:  # the run's own directory: it must still take files (a disk remounted read-only, a changed owner)
+        check_writable(Path(cfg.output_dir), "--output_dir")
+    return checkpoint, data_files
+
+
+def start_run_dir(cfg: TrainConfig, state: dict, data_report: dict, data_files: dict) -> None:
+    """The run's marker (what a resumed run must match), config.yaml and data_report.json; a resumed run's
+    metrics.jsonl loses what a killed run logged after its checkpoint."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if read_marker(output_dir) is None:
+        write_marker(output_dir, "train", options=dataclasses.asdict(cfg), data=data_files)
+    write_text(output_dir / "config.yaml", to_yaml(cfg))
+    write_json(output_dir / "data_report.json", data_report)
+    truncate_metrics(output_dir / "metrics.jsonl", state["step"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(argv, TrainConfig, description="Train a reward model (pairwise loss) with an Accelerate loop.")
+    checkpoint, data_files = check_run_dir(cfg)  # before any work: a bad start leaves nothing behind
     accelerator = build_accelerator(cfg)
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     set_seed(cfg.seed)  # before the model: the new score head is drawn from this seed (as TRL)
@@ -224,77 +266,46 @@ def main(argv: list[str] | None = None) -> dict:
     state = {"step": 0, "epoch": 0, "batches_done_in_epoch": 0, "tokens": 0, "skipped_nonfinite_steps": 0}
     if checkpoint is not None:
         state.update(load_checkpoint(accelerator, checkpoint))
-    log = RunLog(cfg, accelerator, total_steps, data_report, state, checkpoint, data_files)
+    if accelerator.is_main_process:
+        start_run_dir(cfg, state, data_report, data_files)
+    log = RunLog(cfg, accelerator, total_steps, data_report, state, checkpoint)
 
-    stats, nonfinite_in_a_row, weight_casts = StepMetrics(accelerator.device), 0, None
-
+    nonfinite_in_a_row = 0
     reward_model.train()
     step_start = time.perf_counter()  # step_time: data, forward, backward and update; eval and saving excluded
+    steps = optimizer_steps(train_loader, state, cfg, accelerator)
     while state["step"] < total_steps:
-        train_loader.set_epoch(state["epoch"])  # the prepared loader re-sets the sampler's epoch on iteration
-        skip = state["batches_done_in_epoch"]
-        for batch in accelerator.skip_first_batches(train_loader, skip) if skip else train_loader:
-            state["batches_done_in_epoch"] += 1
+        window, micro_batches = next(steps)
+        record = train_step(reward_model, micro_batches, window, optimizer, accelerator, cfg)
+        state["step"] += 1
+        scheduler.step()
 
-            # Forward, loss and backward; on the last micro-batch of a step: clip, check, update. Under bf16 the
-            # step's micro-batches share one autocast region, whose cache casts each weight to bf16 once a step.
-            with accelerator.accumulate(reward_model):
-                if cfg.bf16 and weight_casts is None:
-                    weight_casts = contextlib.ExitStack()
-                    weight_casts.enter_context(torch.autocast(accelerator.device.type, dtype=torch.bfloat16))
-                loss, chosen, rejected = train_step(
-                    reward_model, batch, accelerator, cfg,
-                    step_window(state["batches_done_in_epoch"], len(train_loader), cfg.grad_accum),
-                )  # fmt: skip
-                stats.add(loss, chosen, rejected, batch["attention_mask"].sum())
-                if accelerator.sync_gradients:
-                    if weight_casts is not None:  # the update changes the weights: drop their bf16 casts
-                        weight_casts.close()
-                        weight_casts = None
-                    grad_norm = accelerator.clip_grad_norm_(reward_model.parameters(), cfg.max_grad_norm or math.inf)
-                    record = stats.reduce(accelerator, grad_norm_tensor(grad_norm))  # the step's one host sync
-                    if not record["finite"]:  # a non-finite loss or gradient anywhere: skip this update
-                        optimizer.zero_grad()  # (under DeepSpeed the engine has applied it already: not skipped)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-
-            # One optimizer step done: schedule, record; too many non-finite steps in a row stop the run.
-            state["step"] += 1
-            scheduler.step()
-            finite = record.pop("finite")
-            skipped = not finite and accelerator.distributed_type != DistributedType.DEEPSPEED
-            if not finite and not skipped:
-                step = state["step"]
-                accelerator.print(f"warning: step {step}: non-finite loss or gradient, applied by DeepSpeed's engine")
-            nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
-            state["skipped_nonfinite_steps"] += int(skipped)
-            state["tokens"] += record["tokens"]
-            step_time = round(time.perf_counter() - step_start, 4)
-            log.step(
-                {**record, "tokens": state["tokens"], "skipped": skipped, "step_time": step_time}, state, scheduler
+        # Record the step; too many non-finite steps in a row stop the run.
+        finite = record.pop("finite")
+        skipped = not finite and accelerator.distributed_type != DistributedType.DEEPSPEED
+        if not finite and not skipped:
+            step = state["step"]
+            accelerator.print(f"warning: step {step}: non-finite loss or gradient, applied by DeepSpeed's engine")
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        state["skipped_nonfinite_steps"] += int(skipped)
+        state["tokens"] += record["tokens"]
+        step_time = round(time.perf_counter() - step_start, 4)
+        log.step({**record, "tokens": state["tokens"], "skipped": skipped, "step_time": step_time}, state, scheduler)
+        if nonfinite_in_a_row >= MAX_NONFINITE_STEPS_IN_A_ROW:
+            save_checkpoint(accelerator, cfg.output_dir, state)
+            raise SystemExit(
+                f"error: {nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient; stopped "
+                f"at step {state['step']} with a checkpoint in {cfg.output_dir}/checkpoints. Lower --lr, turn off "
+                "--bf16, or check the data."
             )
-            stats = StepMetrics(accelerator.device)
-            if nonfinite_in_a_row >= MAX_NONFINITE_STEPS_IN_A_ROW:
-                save_checkpoint(accelerator, cfg.output_dir, state)
-                raise SystemExit(
-                    f"error: {nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient; stopped "
-                    f"at step {state['step']} with a checkpoint in {cfg.output_dir}/checkpoints. Lower --lr, turn off "
-                    "--bf16, or check the data."
-                )
 
-            # Evaluation and checkpoints every N steps (the last step gets both below).
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
-                log.evaluation(evaluate(reward_model, eval_set, tokenizer, cfg, accelerator)[0], state["step"])
-            if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
-                save_checkpoint(accelerator, cfg.output_dir, state)
-                log.curves()
-            step_start = time.perf_counter()
-            if state["step"] >= total_steps:
-                break
-        else:
-            state["epoch"], state["batches_done_in_epoch"] = state["epoch"] + 1, 0
+        # Evaluation and checkpoints every N steps (the last step gets both below).
+        if cfg.eval_every and state["step"] % cfg.eval_every == 0 and state["step"] < total_steps:
+            log.evaluation(evaluate(reward_model, eval_set, tokenizer, cfg, accelerator)[0], state["step"])
+        if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total_steps:
+            save_checkpoint(accelerator, cfg.output_dir, state)
+            log.curves()
+        step_start = time.perf_counter()
 
     # Final checkpoint and model (plain safetensors, or the adapter with --lora), then evaluation, report, curves.
     save_checkpoint(accelerator, cfg.output_dir, state)
@@ -327,11 +338,11 @@ def grad_norm_tensor(grad_norm) -> torch.Tensor | None:
 
 
 class RunLog:
-    """Everything a run reports: output_dir's config.yaml, data_report.json and metrics.jsonl (a line per step and
-    per evaluation), the trackers, the progress bar, the console, and at the end eval_results.json and report/.
-    Files are written by the main process only."""
+    """Everything a run reports as it goes: metrics.jsonl (a line per step and per evaluation), the trackers, the
+    progress bar, the console, and at the end eval_results.json and report/. Files are written by the main process
+    only; `start_run_dir` has written the rest of output_dir."""
 
-    def __init__(self, cfg, accelerator, total_steps: int, data_report: dict, state: dict, checkpoint, data_files):
+    def __init__(self, cfg, accelerator, total_steps: int, data_report: dict, state: dict, checkpoint):
         self.cfg, self.accelerator, self.total_steps = cfg, accelerator, total_steps
         self.output_dir = Path(cfg.output_dir)
         self.metrics_file = None
@@ -348,18 +359,11 @@ class RunLog:
             print_(f"resumed from {checkpoint} at {where}")
         accelerator.init_trackers("rmtorch", config=dataclasses.asdict(cfg))  # no-op unless --report_to names one
         if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if read_marker(self.output_dir) is None:  # what a resumed run must match (outputs.check_resume)
-                write_marker(self.output_dir, "train", options=dataclasses.asdict(cfg), data=data_files)
-            write_text(self.output_dir / "config.yaml", to_yaml(cfg))
-            write_json(self.output_dir / "data_report.json", data_report)
-            # A resumed run rewrites what a killed run logged after its checkpoint.
-            truncate_metrics(self.output_dir / "metrics.jsonl", state["step"])
             self.metrics_file = open(self.output_dir / "metrics.jsonl", "a")
         precision, batching = "bf16 autocast" if cfg.bf16 else "fp32", "packed" if cfg.packing else "padded"
         print_(
-            f"training {total_steps} steps: {accelerator.num_processes} process(es) x {cfg.batch_size} pairs x "
-            f"{cfg.grad_accum} accumulation, {precision}, {batching} batches"
+            f"training {total_steps} step{'s' if total_steps != 1 else ''}: {accelerator.num_processes} process(es) x "
+            f"{cfg.batch_size} pairs x {cfg.grad_accum} accumulation, {precision}, {batching} batches"
         )
         disable = not accelerator.is_main_process
         self.progress = tqdm(
@@ -382,7 +386,7 @@ class RunLog:
         self.progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}")
         if step % self.cfg.log_every == 0 or step == self.total_steps:
             norm = "n/a" if record["grad_norm"] is None else f"{record['grad_norm']:.3f}"
-            self.progress.write(
+            self._print(
                 f"step {step}/{self.total_steps}  loss {record['loss']:.4f}  acc {record['accuracy']:.3f}  "
                 f"margin {record['margin']:.3f}  lr {record['lr']:.2e}  grad_norm {norm}"
             )
@@ -394,7 +398,11 @@ class RunLog:
             {f"eval/{k}": v for k, v in scalars.items()},
         )
         shown = ("accuracy", "margin", "loss", "ece")
-        self.progress.write(f"eval at step {step}: " + "  ".join(f"{k} {scalars[k]:.4f}" for k in shown))
+        self._print(f"eval at step {step}: " + "  ".join(f"{k} {scalars[k]:.4f}" for k in shown))
+
+    def _print(self, line: str) -> None:
+        if self.accelerator.is_main_process:  # tqdm.write prints even for a disabled bar: once, not once a process
+            self.progress.write(line)
 
     def curves(self) -> None:
         if self.accelerator.is_main_process:  # redrawn at each checkpoint, so a long run can be watched

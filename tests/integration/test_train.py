@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from rmtorch.batching import EpochSampler, LengthGroupedBatchSampler
+from rmtorch.config import TrainConfig
 from rmtorch.model import RewardModel
 from rmtorch.pairs import tokenize_pairs
 from tests.conftest import pair_rows, read_jsonl, train_argv, train_in_process, train_records, write_jsonl
@@ -200,12 +201,53 @@ def test_an_eval_file_with_the_built_in_data_is_used_and_nothing_is_held_out(tmp
     assert len(train_set) == report["train"]["rows_in"] == len(builtin_pairs(40, seed=cfg.seed))
 
 
-def test_the_step_window_is_shorter_only_for_an_uneven_epochs_last_step():
-    from train import step_window
+class EpochLoader:
+    """A loader of `size` micro-batches (epoch, index) per epoch, and the accelerator part optimizer_steps uses."""
 
-    assert [step_window(i, 8, 3) for i in range(1, 9)] == [3, 3, 3, 3, 3, 3, 2, 2]
-    assert [step_window(i, 6, 3) for i in range(1, 7)] == [3] * 6
-    assert [step_window(i, 5, 1) for i in range(1, 6)] == [1] * 5
+    def __init__(self, size: int):
+        self.size, self.epoch = size, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in range(self.size)])
+
+    @staticmethod
+    def skip_first_batches(loader, skip: int):
+        return list(loader)[skip:]
+
+
+def steps_of(size: int, grad_accum: int, count: int, state: dict | None = None) -> list[list]:
+    from train import optimizer_steps
+
+    state = state or {"epoch": 0, "batches_done_in_epoch": 0}
+    loader = EpochLoader(size)
+    steps = optimizer_steps(loader, state, TrainConfig(grad_accum=grad_accum), loader)
+    out = []
+    for _ in range(count):
+        window, batches = next(steps)
+        out.append(list(batches))
+        assert len(out[-1]) == window
+    return out
+
+
+def test_optimizer_steps_take_grad_accum_micro_batches_and_fewer_at_an_uneven_epochs_end():
+    assert [len(step) for step in steps_of(8, 3, 6)] == [3, 3, 2, 3, 3, 2]
+    assert steps_of(8, 3, 4)[2:] == [[(0, 6), (0, 7)], [(1, 0), (1, 1), (1, 2)]]  # the next epoch starts anew
+    assert [len(step) for step in steps_of(6, 3, 3)] == [3, 3, 3]
+    assert [len(step) for step in steps_of(5, 1, 6)] == [1] * 6
+
+
+def test_optimizer_steps_go_on_from_a_checkpoints_place():
+    state = {"epoch": 1, "batches_done_in_epoch": 6}  # a checkpoint after the second step of epoch 1
+    assert steps_of(8, 3, 2, state) == [[(1, 6), (1, 7)], [(2, 0), (2, 1), (2, 2)]]
+    assert state == {"epoch": 2, "batches_done_in_epoch": 3}
+    ended = {"epoch": 0, "batches_done_in_epoch": 8}  # saved after an epoch's last step
+    assert steps_of(8, 3, 1, ended) == [[(1, 0), (1, 1), (1, 2)]]
 
 
 def test_the_printed_data_line_speaks_as_the_tokenize_report():

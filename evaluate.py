@@ -20,16 +20,18 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from rmtorch import rewardbench
 from rmtorch.accelerator import launch_accelerator
 from rmtorch.cli import run, set_cpu_threads
 from rmtorch.config import EvalConfig, parse_config, scoring_source, trained_defaults
 from rmtorch.files import PairDataError, read_rows
+from rmtorch.loading import load_reward_model
 from rmtorch.metrics import format_report, pair_report
-from rmtorch.model import RewardModel, compute_rewards, load_reward_model, model_max_length, score_pairs
+from rmtorch.model import RewardModel, compute_rewards, model_max_length, score_pairs
 from rmtorch.outputs import check_output_dir
 from rmtorch.pairs import tokenize_pairs
-from rmtorch.report import write_report
+from rmtorch.report import format_benchmark_table, write_benchmark_report, write_report
+from rmtorch.rewardbench import score_benchmark
+from rmtorch.rewardbench_data import read_prompts, tokenize_prompts
 
 DESCRIPTION = (
     "Evaluate a reward model on preference pairs: accuracy, margin, ties, calibration, accuracy by length "
@@ -88,12 +90,12 @@ def evaluate_benchmark(cfg: EvalConfig, trained: dict) -> dict:
     """--benchmark: score a local copy of RewardBench (v1) or RewardBench 2, print its table and write its report
     under --report when given; returns the report."""
     # The rows are read and checked before the model loads.
-    prompts, data = rewardbench.read_prompts(read_rows(cfg.data, cfg.on_bad_row), cfg.benchmark, cfg.on_bad_row)
+    prompts, data = read_prompts(read_rows(cfg.data, cfg.on_bad_row), cfg.benchmark, cfg.on_bad_row)
     accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     max_length = model_max_length(model, cfg.max_length)
-    tokenized = rewardbench.tokenize_prompts(prompts, tokenizer, data, max_length, cfg.truncation)
+    tokenized = tokenize_prompts(prompts, tokenizer, data, max_length, cfg.truncation)
     accelerator.print(f"data {cfg.data}: {data.summary()}")
     if trained:
         accelerator.print(
@@ -105,14 +107,12 @@ def evaluate_benchmark(cfg: EvalConfig, trained: dict) -> dict:
         pad_token_id=tokenizer.pad_token_id, packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch,
         accelerator=accelerator, progress=True,
     )  # fmt: skip
-    report, lines = rewardbench.score_benchmark(
-        cfg.benchmark, tokenized.prompts, tokenized.per_prompt(rewards.tolist())
-    )
+    report, lines = score_benchmark(cfg.benchmark, tokenized.prompts, tokenized.per_prompt(rewards.tolist()))
     report["model"], report["data"] = str(cfg.model), asdict(data)
     report["scoring"] = scoring_report(cfg, max_length)
-    accelerator.print(rewardbench.format_table(report) + scoring_line(report))
+    accelerator.print(format_benchmark_table(report) + scoring_line(report))
     if cfg.report and accelerator.is_main_process:
-        paths = rewardbench.write_benchmark_report(report, lines, cfg.report)
+        paths = write_benchmark_report(report, lines, cfg.report)
         print(f"report in {cfg.report}: {', '.join(p.name for p in paths.values())}")
     return report
 

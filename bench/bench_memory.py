@@ -53,9 +53,10 @@ def run_config(name: str, args) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from rmtorch.lora import apply_lora, quantization_config_4bit
+    from rmtorch.loading import load_reward_model, quantization_config_4bit
+    from rmtorch.lora import apply_lora
     from rmtorch.loss import pairwise_loss
-    from rmtorch.model import RewardModel, disable_dropout, enable_gradient_checkpointing, load_reward_model
+    from rmtorch.model import RewardModel, disable_dropout, enable_gradient_checkpointing
 
     options = CONFIGS[name]
     accelerator = Accelerator(mixed_precision="bf16")  # train.py's default

@@ -112,7 +112,7 @@ def run_trl(model_path: str, pairs: list[dict], args, bf16: bool, workdir: Path,
     from transformers.utils import logging as hf_logging
     from trl import RewardConfig, RewardTrainer
 
-    from rmtorch.model import load_reward_model
+    from rmtorch.loading import load_reward_model
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, *_, **__):
@@ -222,7 +222,8 @@ def run_rmtorch(
 
 def bf16_reward_drift(model_path: str, pairs: list[dict]) -> dict:
     """How far bf16 autocast moves the initial model's rewards from fp32 on the bench pairs (forward only)."""
-    from rmtorch.model import RewardModel, compute_rewards, load_reward_model
+    from rmtorch.loading import load_reward_model
+    from rmtorch.model import RewardModel, compute_rewards
 
     model, tokenizer = load_reward_model(model_path)
     reward_model = RewardModel(model)
@@ -247,7 +248,7 @@ def run_worker(args) -> dict:
     """One training run (a fresh process: Accelerate's state is per process, and peaks never mix)."""
     from transformers import AutoTokenizer
 
-    from rmtorch.model import resolve_model_path
+    from rmtorch.loading import resolve_model_path
 
     variant, precision = args.worker
     model_path = resolve_model_path(args.model)
@@ -299,7 +300,7 @@ def run_in_subprocess(args, variant: str, precision: str, final_loss: bool) -> d
 def run_bench(args) -> dict:
     from transformers import AutoTokenizer
 
-    from rmtorch.model import load_reward_model, resolve_model_path
+    from rmtorch.loading import load_reward_model, resolve_model_path
 
     model_path = resolve_model_path(args.model)
     pairs = bench_pairs(AutoTokenizer.from_pretrained(model_path), args.pairs, args.max_length)

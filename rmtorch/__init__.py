@@ -8,7 +8,7 @@ __version__ = "0.2.0"
 _API = {
     "RewardScorer": "rmtorch.score",
     "ScoreDetails": "rmtorch.score",
-    "load_reward_model": "rmtorch.model",
+    "load_reward_model": "rmtorch.loading",
     "compute_rewards": "rmtorch.model",
     "RewardModel": "rmtorch.model",
     "read_rows": "rmtorch.files",
@@ -20,8 +20,8 @@ _API = {
     "RewardNormalizer": "rmtorch.normalize",
     "RunningMoments": "rmtorch.normalize",
     "group_advantages": "rmtorch.normalize",
-    "thinking_quality": "rmtorch.thinking",
-    "ThinkingWeights": "rmtorch.thinking",
+    "thinking_quality": "rmtorch.quality",
+    "ThinkingWeights": "rmtorch.quality",
 }
 __all__ = sorted(_API)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 import torch
 
 from rmtorch.files import PairDataError
+from rmtorch.loading import quiet_bitsandbytes
 
 # Errors that describe the user's input or setup; anything else is a bug and keeps its traceback.
 USER_ERRORS = (
@@ -28,11 +28,9 @@ def run(main, argv: list[str] | None = None):
 
     RMTORCH_DEBUG=1 shows the traceback as well.
     """
-    # bitsandbytes warns on import that it cannot fetch an optional CPU kernel from the hub; rmtorch runs offline
-    # and the fallback kernel is fine, so the warning is noise users cannot act on.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
-        return main(argv)
+        with quiet_bitsandbytes():
+            return main(argv)
     except KeyboardInterrupt:
         sys.exit("interrupted")
     except USER_ERRORS as err:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (rmtorch.model.resolve_model_path)
+DEFAULT_MODEL = "smollm2"  # the embedded SmolLM2-135M-Instruct (rmtorch.loading.resolve_model_path)
 
 
 def option(default, help: str, *, check: str | None = None, choices: tuple | None = None, required: bool = False):
@@ -482,10 +482,10 @@ class ServeConfig(ScoringOptions, BatchOptions, LengthOptions, ModelOptions):
         262144, "Tokens allowed to wait for the model; a request beyond gets 503 with Retry-After.", check=">0"
     )
     on_long_row: str = option(
-        "keep_end",
-        "Rows longer than --max_length: 'keep_end' scores their last max_length tokens (the scorer's rule; flagged "
+        "keep_last",
+        "Rows longer than --max_length: 'keep_last' scores their last max_length tokens (the scorer's rule; flagged "
         "as truncated), 'refuse' answers 400.",
-        choices=("keep_end", "refuse"),
+        choices=("keep_last", "refuse"),
     )
     chat_bos: str = option(
         "restore",

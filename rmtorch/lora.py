@@ -1,15 +1,14 @@
-"""LoRA and QLoRA: adapters on a frozen (optionally 4-bit nf4) body, adapter directories, and merging.
+"""LoRA and QLoRA: adapters on a frozen (optionally 4-bit nf4) body, saving adapter directories, and merging.
 
 An adapter directory (what `train.py --lora` writes) holds adapter_config.json + adapter_model.safetensors (LoRA
 weights and the trained score head), the tokenizer, and rmtorch_adapter.json (whether the base was 4-bit). It
-loads with peft or with `load_reward_model`. `merge_adapter` writes a plain safetensors model that
+loads with peft or with `rmtorch.loading.load_reward_model`. `merge_adapter` writes a plain safetensors model that
 AutoModelForSequenceClassification loads without peft.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -19,54 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rmtorch.model import check_safetensors_checkpoint, load_reward_model, score_head
+from rmtorch.loading import ADAPTER_INFO_FILE, adapter_base, load_reward_model
+from rmtorch.model import score_head
 from rmtorch.outputs import check_output_dir, write_marker
-
-ADAPTER_INFO_FILE = (
-    "rmtorch_adapter.json"  # how the base was loaded for training: {"load_in_4bit", "bnb_4bit_compute_dtype"}
-)
-
-
-def quantization_config_4bit(compute_dtype: torch.dtype = torch.bfloat16):
-    """The QLoRA recipe for `load_reward_model(quantization_config=...)`: bitsandbytes nf4 with double quantization,
-    matmuls in `compute_dtype`. The score head is not quantized (transformers skips the output layer)."""
-    bnb_logger = logging.getLogger("bitsandbytes")
-    level = bnb_logger.level
-    bnb_logger.setLevel(logging.ERROR)  # its import asks for an optional hub kernel the fallback does not need
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ImportError(
-            "4-bit loading (--load_in_4bit) needs bitsandbytes: pip install 'bitsandbytes>=0.45'. "
-            "Without it, train plain LoRA (drop --load_in_4bit)."
-        ) from None
-    finally:
-        bnb_logger.setLevel(level)
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
-def prepare_4bit_model(model: nn.Module) -> None:
-    """Two bitsandbytes (0.50) behaviours turned off on a freshly loaded 4-bit model.
-
-    - Its first eval-mode no-grad forward on an AVX512-bf16 CPU repacks the 4-bit weights in place for a bf16
-      inference kernel; from then on it computes in bf16 whatever the compute dtype, and backward through the
-      repacked weights gives wrong gradients, so one evaluation in the middle of training would spoil the run.
-    - The weights it keeps unquantized (embeddings, norms, head) load as views of the memory-mapped safetensors
-      file, and while one view lives the whole fp32 file stays resident: they get their own memory.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    for param in model.parameters():
-        if param.device.type == "cpu" and type(param).__name__ != "Params4bit":
-            param.data = param.data.clone()
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -113,57 +67,6 @@ def apply_lora(model: nn.Module, *, r: int = 16, alpha: int = 16, dropout: float
         if param.requires_grad:
             param.data = param.data.float()  # adapters and the head's trainable copy: fp32 whatever the body's dtype
     return peft_model
-
-
-def load_adapter_model(
-    adapter_dir: str | Path,
-    *,
-    tokenizer=None,
-    dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
-    quantization_config=None,
-    device_map=None,
-    base_weights: str = "trained",
-):
-    """(PeftModel, tokenizer) from a LoRA adapter directory: the base model named in adapter_config.json with the
-    adapters and the trained score head on top. The tokenizer comes from the adapter directory when it holds one.
-
-    base_weights: 'trained' loads the base as it was trained (4-bit when rmtorch_adapter.json says so);
-    'dequantized' turns such a 4-bit base into plain `dtype` weights holding the same nf4-rounded values (a merge of
-    that model scores like the adapter model); 'original' loads the base's own full-precision weights.
-    """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    adapter_dir = Path(adapter_dir)
-    check_safetensors_checkpoint(adapter_dir)
-    base_name = adapter_base(adapter_dir)
-    info_file = adapter_dir / ADAPTER_INFO_FILE
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    if base_weights not in ("trained", "dequantized", "original"):
-        raise ValueError(f"base_weights must be 'trained', 'dequantized' or 'original', got {base_weights!r}.")
-    if quantization_config is None and info.get("load_in_4bit") and base_weights != "original":
-        quantization_config = quantization_config_4bit(getattr(torch, info.get("bnb_4bit_compute_dtype", "bfloat16")))
-    if tokenizer is None and (adapter_dir / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
-    try:
-        base, tokenizer = load_reward_model(
-            base_name, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code,
-            quantization_config=quantization_config, device_map=device_map,
-        )  # fmt: skip
-    except FileNotFoundError as err:
-        raise FileNotFoundError(
-            f"The adapter in {adapter_dir} was trained on {base_name!r}, which cannot be loaded here: {err}"
-        ) from None
-    if base_weights == "dequantized" and quantization_config is not None:
-        base = base.dequantize(dtype=dtype)
-    return PeftModel.from_pretrained(base, adapter_dir), tokenizer
-
-
-def adapter_base(adapter_dir: str | Path) -> str:
-    """The base model an adapter directory was trained on (as adapter_config.json records it)."""
-    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
-    return config["base_model_name_or_path"]
 
 
 def save_adapter(
@@ -236,7 +139,7 @@ def merge_adapter(
         )
     check_output_dir(output_dir, "merge", "--output_dir", inputs=[adapter_dir, base])
     base_weights = "dequantized" if merge_into == "trained" else "original"
-    model, tokenizer = load_adapter_model(adapter_dir, trust_remote_code=trust_remote_code, base_weights=base_weights)
+    model, tokenizer = load_reward_model(adapter_dir, trust_remote_code=trust_remote_code, base_weights=base_weights)
     merged = model.merge_and_unload()
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))

@@ -1,4 +1,4 @@
-"""Preference pairs: validation, formatting, tokenization and truncation, into one `PairSet`.
+"""Preference pairs: validation, tokenization (`rmtorch.formatting`'s rules) and truncation, into one `PairSet`.
 
 Formats accepted (one per dataset, checked per row):
 - standard:        prompt / chosen / rejected strings
@@ -7,10 +7,8 @@ Formats accepted (one per dataset, checked per row):
 - pre-tokenized:   chosen_ids / rejected_ids lists of token ids
 plus a numeric `margin` column, used when present (as TRL does; `margin_column` names another).
 
-Token ids equal TRL 1.16's RewardTrainer: standard text gets the EOS string appended and is tokenized with the
-tokenizer's own special tokens; conversations go through `apply_chat_template` with nothing appended. Each pair
-also stores its prompt length (the tokens chosen and rejected share as the prompt), found once here and used by
-truncation, packing and the scorer.
+Token ids equal TRL 1.16's RewardTrainer (rmtorch.formatting). Each pair also stores its prompt length (the tokens
+chosen and rejected share as the prompt), found once here and used by truncation, packing and the scorer.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 
 from rmtorch.files import PairDataError, Rows, read_rows
+from rmtorch.formatting import bos_to_keep, chat_ids, common_prefix_length, cut_prompt, prompt_ids, tokenize_response
 
 ROLES = ("system", "user", "assistant", "tool")
 LEGACY_ID_COLUMNS = {"chosen_input_ids": "chosen_ids", "rejected_input_ids": "rejected_ids"}
@@ -305,107 +304,6 @@ def validate_row(
     return out
 
 
-# ------------------------------------------------------------------------------------------ formatting
-
-
-def _template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as the chat template gets them: a tool-call message's null content becomes "" (not "None")."""
-    return [{**m, "content": ""} if m.get("content") is None else m for m in messages]
-
-
-def chat_ids(
-    tokenizer, messages: list[dict], tools=None, chat_template_kwargs=None, add_generation_prompt=False
-) -> list[int]:
-    """Token ids of a conversation through the tokenizer's chat template."""
-    encoded = tokenizer.apply_chat_template(
-        _template_messages(messages), tools=tools, tokenize=True, return_dict=True,
-        add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {}),
-    )  # fmt: skip
-    return list(encoded["input_ids"])
-
-
-def chat_text(tokenizer, messages: list[dict]) -> str:
-    """The text a chat template renders for a conversation (what `chat_ids` tokenizes)."""
-    return tokenizer.apply_chat_template(_template_messages(messages), tokenize=False)
-
-
-def chat_opening(tokenizer) -> str | None:
-    """What every rendering of the tokenizer's chat template holds right after its BOS text, when the template
-    starts with the BOS text (SmolLM2: BOS '<|im_start|>', opening 'system\n'); None otherwise.
-
-    verl strips a leading BOS text from rendered chats before posting them (for vLLM, which used to add it back): a
-    text that starts with the opening is such a chat, and its BOS is restored (`restore_chat_bos`)."""
-    bos = tokenizer.bos_token
-    if not bos or not getattr(tokenizer, "chat_template", None):
-        return None
-    probe = "\x00probe\x00"
-    try:  # the roles' renderings share the template's head (a default system turn included)
-        texts = [chat_text(tokenizer, [{"role": role, "content": probe}]) for role in ("system", "user")]
-    except Exception:  # a template that refuses a lone system or user turn: leave texts as sent
-        return None
-    if not all(text.startswith(bos) for text in texts):
-        return None
-    heads = [text[len(bos) : text.index(probe)] for text in texts]
-    opening = heads[0][: common_prefix_length(heads[0], heads[1])]
-    return opening or None
-
-
-def restore_chat_bos(text: str, tokenizer, opening: str | None) -> str:
-    """`text` with the chat template's BOS text put back when a client stripped it (see `chat_opening`)."""
-    if opening and text.startswith(opening) and not text.startswith(tokenizer.bos_token):
-        return tokenizer.bos_token + text
-    return text
-
-
-def tokenize_response(tokenizer, prompt, response) -> list[int]:
-    """Token ids of prompt + response, formatted exactly as training formats them (TRL's rules).
-
-    `prompt`/`response` are both strings (EOS appended unless present, tokenizer's special tokens added) or
-    both message lists (chat template, nothing appended). Training and rmtorch.score both call this, so a
-    model is always scored on the format it was trained on.
-    """
-    if isinstance(response, str):
-        if tokenizer.eos_token and not response.endswith(tokenizer.eos_token):
-            response = response + tokenizer.eos_token
-        return list(tokenizer(text=(prompt or "") + response)["input_ids"])
-    return chat_ids(tokenizer, list(prompt or []) + list(response))
-
-
-def prompt_ids(tokenizer, prompt, tools=None, chat_template_kwargs=None) -> list[int]:
-    """Token ids of a prompt on its own: text with the tokenizer's special tokens, or messages with the
-    generation prompt (the assistant header a response follows)."""
-    if isinstance(prompt, str) or prompt is None:
-        return list(tokenizer(text=prompt or "")["input_ids"])
-    if not prompt:
-        return []
-    return chat_ids(tokenizer, prompt, tools, chat_template_kwargs, add_generation_prompt=True)
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Tokens two sequences share at the start."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer starts plain text with its BOS token (so a cut from the left keeps it)."""
-    bos_id = tokenizer.bos_token_id
-    return bos_id is not None and tokenizer(text="a")["input_ids"][:1] == [bos_id]
-
-
-def keep_end(ids: list[int], max_length: int, keep_first: bool) -> list[int]:
-    """Cut tokens from the left (after a leading BOS, kept) so the sequence ends intact."""
-    if len(ids) <= max_length:
-        return ids
-    if keep_first:
-        return ids[:1] + ids[len(ids) - (max_length - 1) :]
-    return ids[len(ids) - max_length :]
-
-
 @dataclass
 class _Tokenized:
     chosen_ids: list[int]
@@ -464,29 +362,20 @@ def _tokenize_pair(tokenizer, pair: dict, where: str) -> _Tokenized:
     return _Tokenized(chosen_ids, rejected_ids, prompt_length, starts, conversation=pair["kind"] == "messages")
 
 
-def _truncate(tokenized: _Tokenized, max_length: int, keep_first: bool, report: TokenizeReport) -> _Tokenized | None:
-    """keep_end: cut the prompt from the left so both responses survive whole; None when a response alone does
-    not fit (counted as dropped). A conversation loses whole leading turns when that is enough."""
-    longest = max(len(tokenized.chosen_ids), len(tokenized.rejected_ids))
-    start = int(keep_first)
-    overflow = longest - max_length
-    if overflow > tokenized.prompt_length - start:
-        report.dropped_too_long += 1  # the response itself does not fit: cutting it would change what is judged
+def _truncate(tokenized: _Tokenized, max_length: int, bos_id: int | None, report: TokenizeReport) -> _Tokenized | None:
+    """`--truncation keep_end`: `formatting.cut_prompt` on the pair, counted in `report` (dropped when a response
+    alone does not fit)."""
+    cut = cut_prompt(
+        [tokenized.chosen_ids, tokenized.rejected_ids], tokenized.prompt_length, max_length, bos_id,
+        tokenized.turn_starts,
+    )  # fmt: skip
+    if cut is None:
+        report.dropped_too_long += 1
         return None
-    cut_end = start + overflow  # cut ids[start:cut_end]
-    whole_turns = [s for s in tokenized.turn_starts if s >= cut_end]
-    if whole_turns:
-        cut_end = whole_turns[0]
-    elif tokenized.conversation:
-        report.truncated_within_turn += 1
-    cut = cut_end - start
     report.truncated += 1
-    report.truncated_prompt_tokens += cut
-    return _Tokenized(
-        tokenized.chosen_ids[:start] + tokenized.chosen_ids[cut_end:],
-        tokenized.rejected_ids[:start] + tokenized.rejected_ids[cut_end:],
-        tokenized.prompt_length - cut,
-    )
+    report.truncated_prompt_tokens += cut.cut
+    report.truncated_within_turn += int(tokenized.conversation and not cut.at_turn)
+    return _Tokenized(*cut.sequences, cut.prompt_length)
 
 
 # --------------------------------------------------------------------------------------- tokenization
@@ -551,7 +440,7 @@ def tokenize_pairs(
         out["margin"] = []
     kept: dict[str, list] = {name: [] for name in keep_columns}
     kind_check = _KindCheck(["prompt", "chosen", "rejected", "chosen_ids", "rejected_ids", margin_column or "margin"])
-    keep_first = adds_bos(tokenizer)
+    bos_id = bos_to_keep(tokenizer)
     for index, row in enumerate(rows):
         where = f"{source}, row {rows.numbers[index]}"
         try:
@@ -567,9 +456,7 @@ def tokenize_pairs(
             if truncation == "drop":
                 report.dropped_too_long += 1
                 continue
-            tokenized = _truncate(
-                tokenized, max_length, keep_first and tokenized.chosen_ids[0] == tokenizer.bos_token_id, report
-            )
+            tokenized = _truncate(tokenized, max_length, bos_id, report)
             if tokenized is None:
                 continue
         out["chosen_ids"].append(tokenized.chosen_ids)

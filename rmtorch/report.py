@@ -1,4 +1,5 @@
-"""Report files: metrics.json, per-pair scores.jsonl and PNG figures of an evaluation, and training curves.
+"""Report files: metrics.json, per-pair scores.jsonl and PNG figures of an evaluation, training curves, and
+RewardBench's table, plot and report files.
 
 Figures are built with matplotlib's object API (`Figure`, rendered by Agg), so nothing touches pyplot's global
 state or needs a display. Each PNG is FIGSIZE at DPI: 800 x 500 pixels.
@@ -17,6 +18,7 @@ from matplotlib.ticker import MaxNLocator
 
 from rmtorch.files import write_json, write_jsonl
 from rmtorch.outputs import write_marker
+from rmtorch.rewardbench import BENCHMARKS, V1_SECTIONS
 
 REPORT_FILES = {
     "metrics": "metrics.json",
@@ -251,4 +253,84 @@ def _write_report_files(report: dict, scores: list[dict], report_dir: Path) -> d
         plot_accuracy_by(report["by_category"], "accuracy by category", "category", paths["accuracy_by_category"])
     else:
         del paths["accuracy_by_category"]
+    return paths
+
+
+# -------------------------------------------------------------------------------------------- RewardBench
+
+
+def _table_line(label: str, score: float, rows: int | None = None) -> str:
+    return f"{label:<32}{'' if rows is None else f'{rows} rows':>10}  {score:.4f}"
+
+
+def format_benchmark_table(report: dict) -> str:
+    """The scores as a terminal table: v1 subsets under their sections, v2 subsets (Ties with its parts), then
+    the overall score, and a note when the data is not the whole published benchmark."""
+    subsets, rows = report["subsets"], report["subset_rows"]
+    lines = [f"{BENCHMARKS[report['benchmark']]}: {report['num_rows']} rows"]
+    if "sections" in report:
+        for section, score in report["sections"].items():
+            lines.append(_table_line(f"  {section}", score))
+            lines += [
+                _table_line(f"    {name}", subsets[name], rows[name])
+                for name in V1_SECTIONS[section]
+                if name in subsets
+            ]
+    else:
+        lines += [_table_line(f"  {name}", subsets[name], rows[name]) for name in subsets]
+    if "ties" in report:
+        lines += [_table_line(f"    {part}", value) for part, value in report["ties"].items() if part != "score"]
+    lines.append(_table_line("  overall", report["overall"]))
+    if not report["complete"]:
+        missing = report["missing_subsets"]
+        lines.append(
+            "note: not the full benchmark (the subsets hold other row counts than the published data"
+            + (f"; no rows of {', '.join(missing)}" if missing else "")
+            + "), so the overall score averages only what is here."
+        )
+    return "\n".join(lines)
+
+
+def plot_benchmark_scores(report: dict, out_path: str | Path) -> Path:
+    """Horizontal bars of every subset's score (v1: coloured by section), beside the sections and overall."""
+    figure = Figure(figsize=FIGSIZE)
+    subsets_ax, summary_ax = figure.subplots(1, 2, width_ratios=(3, 1))
+    names = list(report["subsets"])
+    colors = ["C0"] * len(names)
+    if "sections" in report:  # a subset takes its section's colour
+        sections = list(report["sections"])
+        section_of = {name: section for section, members in V1_SECTIONS.items() for name in members}
+        colors = [f"C{sections.index(section_of[name])}" for name in names]
+    subsets_ax.barh(range(len(names)), list(report["subsets"].values()), color=colors)
+    subsets_ax.set_yticks(range(len(names)), names, fontsize=7)
+    subsets_ax.invert_yaxis()
+    subsets_ax.set_xlim(0, 1)
+    subsets_ax.set_xlabel("score")
+    subsets_ax.grid(alpha=0.3, axis="x")
+    summary = {**report.get("sections", {}), "overall": report["overall"]}
+    summary_colors = [f"C{i}" for i in range(len(summary) - 1)] + ["tab:gray"]  # sections as their subsets
+    summary_ax.bar(range(len(summary)), list(summary.values()), color=summary_colors)
+    summary_ax.set_xticks(range(len(summary)), list(summary), rotation=45, ha="right", fontsize=8)
+    summary_ax.set_ylim(0, 1)
+    summary_ax.grid(alpha=0.3, axis="y")
+    figure.suptitle(f"{BENCHMARKS[report['benchmark']]}: overall {report['overall']:.4f} ({report['num_rows']} rows)")
+    figure.tight_layout()
+    return save_figure(figure, out_path)
+
+
+def write_benchmark_report(report: dict, lines: list[dict], report_dir: str | Path) -> dict[str, Path]:
+    """Write BENCHMARK.json (the report), BENCHMARK_scores.jsonl (a line per row) and BENCHMARK.png under
+    `report_dir`, each whole or not at all, and mark the directory as an evaluation report; return the paths."""
+    report_dir = Path(report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    name = report["benchmark"]
+    paths = {
+        "report": report_dir / f"{name}.json",
+        "scores": report_dir / f"{name}_scores.jsonl",
+        "plot": report_dir / f"{name}.png",
+    }
+    write_json(paths["report"], report)
+    write_jsonl(paths["scores"], lines)
+    plot_benchmark_scores(report, paths["plot"])
+    write_marker(report_dir, "evaluate")  # --report may name this directory again
     return paths

@@ -4,7 +4,7 @@
     rewards = scorer(prompts, completions)            # (N,) fp32, input order
     trainer = GRPOTrainer(..., reward_funcs=[scorer.as_reward_func(name="rm")])
 
-Formatting: every row goes through `rmtorch.pairs.tokenize_response`, the function training uses, so the ids are
+Formatting: every row goes through `rmtorch.formatting.tokenize_response`, the function training uses, so the ids are
 the ids the model was trained on (TRL's GRPO scores standard text without the BOS/EOS its RewardTrainer trained
 with; rmtorch does not).
 
@@ -37,16 +37,10 @@ from dataclasses import dataclass
 import torch
 
 from rmtorch.config import scoring_defaults
-from rmtorch.model import RewardModel, compute_rewards, load_reward_model, lock_of, model_max_length
-from rmtorch.pairs import (
-    adds_bos,
-    chat_text,
-    check_messages,
-    common_prefix_length,
-    keep_end,
-    prompt_ids,
-    tokenize_response,
-)
+from rmtorch.formatting import bos_to_keep, chat_text, common_prefix_length, keep_last, prompt_ids, tokenize_response
+from rmtorch.loading import load_reward_model
+from rmtorch.model import RewardModel, compute_rewards, lock_of, model_max_length
+from rmtorch.pairs import check_messages
 from rmtorch.thinking import SplitCompletions, resolve_think_tokens, split_rows
 
 logger = logging.getLogger(__name__)
@@ -59,7 +53,7 @@ class ScoreDetails:
     rewards: torch.Tensor  # fp32
     num_tokens: torch.Tensor  # int64, tokens scored (after truncation)
     truncated: torch.Tensor  # bool, longer than max_length: the start was cut
-    unclosed_think: torch.Tensor  # bool, a <think> with no </think> after it
+    unclosed_think: torch.Tensor | None  # bool, a <think> with no </think> after it (None: rows not split)
     dropped_text: torch.Tensor  # bool, the chat template left text of the completion out of the scored ids
 
 
@@ -105,7 +99,7 @@ class RewardScorer:
         self.pad_token_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.think = resolve_think_tokens(tokenizer, think_start_token, think_end_token)
         self.think_end_token = think_end_token
-        self.keep_first = adds_bos(tokenizer)
+        self.bos_id = bos_to_keep(tokenizer)  # a cut from the left keeps it
         self.dropped_text = dropped_text
 
     @classmethod
@@ -213,16 +207,18 @@ class RewardScorer:
                 autocast_dtype=self.autocast_dtype,
             )  # fmt: skip
 
-    def score_split(self, split: SplitCompletions, part: str = "full") -> ScoreDetails:
-        """Score `part` of already split rows (see `split`), truncating rows longer than max_length."""
-        if part != "full" and self.think.end_id is None:
-            raise ValueError(
-                f"part={part!r} splits completions at the reasoning end token, but this tokenizer has no "
-                f"{self.think_end_token!r} token. Score part='full', or pass think_end_token= (the token or its id) "
-                "for this model's reasoning end."
-            )
-        sequences = split.sequences(part)
-        prompt_lengths = [len(ids) for ids in split.prompt_ids]
+    def score_tokens(
+        self, sequences: list[list[int]], prompt_lengths: list[int] | None = None, *, part: str = "full"
+    ) -> ScoreDetails:
+        """Rewards of rows given as token ids (prompt ids + completion ids, already in the training format): the
+        entry for callers that tokenize themselves, like the server. `prompt_lengths` (each row's prompt tokens)
+        lets rows that share a prompt compute it once. The completion is split at `</think>` only when a part is
+        asked for; with part="full" the rows are scored as given and `unclosed_think` is None. Rows longer than
+        max_length keep their last tokens (`formatting.keep_last`) and are flagged `truncated`."""
+        if part != "full":
+            return self.score_split(split_rows(sequences, prompt_lengths or [0] * len(sequences), self.think), part)
+        lengths = list(prompt_lengths) if prompt_lengths is not None else [0] * len(sequences)
+        sequences = list(sequences)
         truncated = torch.tensor(
             [self.max_length is not None and len(ids) > self.max_length for ids in sequences], dtype=torch.bool
         )
@@ -232,18 +228,28 @@ class RewardScorer:
                 int(truncated.sum()), len(sequences), self.max_length, self.max_length,
             )  # fmt: skip
             for row in truncated.nonzero().flatten().tolist():
-                keep_first = self.keep_first and sequences[row][0] == self.tokenizer.bos_token_id
-                sequences[row] = keep_end(sequences[row], self.max_length, keep_first)
-                prompt_lengths[row] = 0  # its prompt was cut: nothing to share
-        rewards = self.score_ids(sequences, prompt_lengths)
+                sequences[row] = keep_last(sequences[row], self.max_length, self.bos_id)
+                lengths[row] = 0  # its prompt was cut: nothing to share
+        rewards = self.score_ids(sequences, lengths)
         nonfinite = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
         if nonfinite:  # TRL's GRPO treats NaN as a missing reward; say so rather than let it pass unseen
             logger.warning("Rows %s got a non-finite reward from the model (NaN or inf).", nonfinite[:10])
         num_tokens = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)
-        dropped = (
-            split.dropped_text if split.dropped_text is not None else torch.zeros(len(sequences), dtype=torch.bool)
-        )
-        return ScoreDetails(rewards, num_tokens, truncated, split.unclosed_think, dropped)
+        return ScoreDetails(rewards, num_tokens, truncated, None, torch.zeros(len(sequences), dtype=torch.bool))
+
+    def score_split(self, split: SplitCompletions, part: str = "full") -> ScoreDetails:
+        """Score `part` of already split rows (see `split`) with `score_tokens`."""
+        if part != "full" and self.think.end_id is None:
+            raise ValueError(
+                f"part={part!r} splits completions at the reasoning end token, but this tokenizer has no "
+                f"{self.think_end_token!r} token. Score part='full', or pass think_end_token= (the token or its id) "
+                "for this model's reasoning end."
+            )
+        details = self.score_tokens(split.sequences(part), [len(ids) for ids in split.prompt_ids])
+        details.unclosed_think = split.unclosed_think
+        if split.dropped_text is not None:
+            details.dropped_text = split.dropped_text
+        return details
 
     def __call__(self, prompts, completions, *, part: str = "full", return_details: bool = False):
         """Rewards of N (prompt, completion) rows, (N,) fp32 in input order.

@@ -8,6 +8,7 @@ carry the marker of the same name; `slow` marks real-model and multi-process tes
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -54,7 +55,7 @@ def smol_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer (pad == eos == <|im_end|> = 2, no BOS on text, ChatML template)."""
     from transformers import AutoTokenizer
 
-    from rmtorch.model import smollm2_gguf_path
+    from rmtorch.loading import smollm2_gguf_path
 
     gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -133,6 +134,15 @@ def save_tiny_llama(directory: Path, tokenizer, seed: int = 0, causal: bool = Fa
     return directory
 
 
+def reward_alone(model, ids: list[int]) -> float:
+    """Oracle: one unpadded row through body and head, read at its last token."""
+    from rmtorch.model import backbone, score_head
+
+    with torch.no_grad():
+        hidden = backbone(model)(input_ids=torch.tensor([ids])).last_hidden_state
+        return score_head(model)(hidden[0, -1]).item()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny Llama reward model with the BOS tokenizer (seed 0), shared by the session: do not modify."""
@@ -157,6 +167,33 @@ def pair_rows(count: int, seed: int = 0, categories: bool = False) -> list[dict]
             row["category"] = CATEGORIES[i % 3]
         rows.append(row)
     return rows
+
+
+# The scoring tests' batch: four prompts and responses of different lengths in the BOS tokenizer's vocabulary.
+PROMPTS = ["what color is the sky ?", "how many are 2 + 3 ?", "hello", "is it good ?"]
+RESPONSES = [" blue", " 5 . the answer is 2 + 3 = 5 , yes", " hello world ! how are you ? I think it is good", " no"]
+
+
+def text_rows() -> tuple[list[str], list[str]]:
+    return PROMPTS, RESPONSES
+
+
+def message_rows() -> tuple[list[list[dict]], list[list[dict]]]:
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    completions = [[{"role": "assistant", "content": r.strip()}] for r in RESPONSES]
+    return prompts, completions
+
+
+ROWS = {"text": text_rows, "messages": message_rows}
+
+
+# Four texts of different lengths in the BOS tokenizer's vocabulary, most ending in its EOS: a padded model batch.
+TEXTS = ["what color is the sky ? blue </s>", "how many are 2 + 2 ? 4 </s>", "hello world </s>", "yes"]
+
+
+def batch_of(tokenizer, texts: list[str]) -> dict:
+    """(N, T) right-padded ids and mask for a few texts."""
+    return tokenizer(texts, padding=True, return_tensors="pt")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -209,6 +246,23 @@ def run_script(
     return result
 
 
+# Every loss is made NaN (and so every gradient): a `patch` for run_script, or a sitecustomize.py for a launch.
+NAN_LOSS = """
+import rmtorch.loss
+original_loss = rmtorch.loss.pairwise_loss
+rmtorch.loss.pairwise_loss = lambda *args, **kwargs: original_loss(*args, **kwargs) * float("nan")
+"""
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file under root with the sha256 of its bytes, and every directory: what a refused command or a failed
+    save must leave as it was."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
+
+
 @pytest.fixture
 def accelerator():
     from accelerate import Accelerator
@@ -246,6 +300,9 @@ def assert_real_png(path: Path) -> Path:
 
 CONFIGS = REPO_ROOT / "configs"
 LAUNCH_TIMEOUT = 240
+LAUNCH_STEPS = 8  # 12 pairs, 8 a step: the runs cross epoch boundaries
+LAUNCH_EVAL_PAIRS = 7  # odd: the processes get different numbers of eval rows, and no row may count twice
+LAUNCH_LORA = ("--lora", "--lora_r", "4")
 
 
 def free_port() -> int:
@@ -254,18 +311,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launch(config: str) -> list[str]:
-    """The command that starts train.py under `configs/<config>` (2 processes) on a free port; options follow."""
+def accelerate_launch(config: str | None, *options: str) -> list[str]:
+    """The command that starts train.py in 2 processes under `configs/<config>`, or under the launcher `options`
+    alone, on a free port; train.py's options follow."""
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    return [accelerate, "launch", "--config_file", str(CONFIGS / config), "--main_process_port", str(free_port())] + [
-        "train.py"
-    ]
+    config_file = ["--config_file", str(CONFIGS / config)] if config else []
+    return [accelerate, "launch", *config_file, *options, "--main_process_port", str(free_port()), "train.py"]
 
 
-def launch(config: str, argv: list[str], check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """Run train.py under `config` in 2 CPU processes, one torch thread each (the machine is shared)."""
+def launch(
+    config: str | None, argv: list[str], check: bool = True, options: tuple[str, ...] = (), **env: str
+) -> subprocess.CompletedProcess:
+    """Run train.py under `config` (or the launcher `options`) in 2 CPU processes, one torch thread each (the
+    machine is shared)."""
     result = subprocess.run(
-        accelerate_launch(config) + argv,
+        accelerate_launch(config, *options) + argv,
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -273,7 +333,8 @@ def launch(config: str, argv: list[str], check: bool = True, **env: str) -> subp
         env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )
     if check and result.returncode != 0 and not aborted_after_finishing(argv, result):
-        raise AssertionError(f"{config} launch failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        launcher = config or " ".join(options)
+        raise AssertionError(f"{launcher} launch failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
 
 
@@ -289,16 +350,14 @@ def aborted_after_finishing(argv: list[str], result: subprocess.CompletedProcess
     return False
 
 
-def launch_and_kill(config: str, argv: list[str], kill_after: int) -> int:
-    """Start train.py under `config`, SIGKILL the launcher and all its processes at once (as when the machine dies)
+def kill_at_checkpoint(command: list[str], kill_after: int, **env: str) -> int:
+    """Start `command` (a train.py run), SIGKILL it and every process it started at once (as when the machine dies)
     once a checkpoint of step `kill_after` or later exists; return the step of the newest checkpoint left."""
-    output_dir = Path(argv[argv.index("--output_dir") + 1])
+    import psutil
+
+    output_dir = Path(command[command.index("--output_dir") + 1])
     process = subprocess.Popen(
-        accelerate_launch(config) + argv,
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env}
     )
     try:
         deadline = time.time() + LAUNCH_TIMEOUT
@@ -307,14 +366,17 @@ def launch_and_kill(config: str, argv: list[str], kill_after: int) -> int:
             assert time.time() < deadline, "the run made no progress"
             time.sleep(0.005)
     finally:
-        import psutil
-
-        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-        for member in tree:
-            member.send_signal(signal.SIGKILL)
+        if process.poll() is None:
+            for member in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+                member.send_signal(signal.SIGKILL)
         process.wait()
     assert not (output_dir / "model.safetensors").exists()
     return latest_step(output_dir)
+
+
+def launch_and_kill(config: str, argv: list[str], kill_after: int) -> int:
+    """kill_at_checkpoint for train.py launched under `config`."""
+    return kill_at_checkpoint(accelerate_launch(config) + argv, kill_after, OMP_NUM_THREADS="1")
 
 
 def latest_step(output_dir: Path) -> int:
@@ -324,13 +386,73 @@ def latest_step(output_dir: Path) -> int:
         return 0
 
 
-def assert_same_weights(dir_a: Path, dir_b: Path, atol: float = 1e-6) -> None:
-    """The model.safetensors of two runs hold the same tensors, within atol."""
+@pytest.fixture(scope="session")
+def launch_data(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
+    """(folder with train.jsonl and eval.jsonl, model directory): what every multi-process run trains on."""
+    root = tmp_path_factory.mktemp("launch_data")
+    write_jsonl(root / "train.jsonl", pair_rows(12, seed=0))
+    write_jsonl(root / "eval.jsonl", pair_rows(LAUNCH_EVAL_PAIRS, seed=1))
+    return root, tiny_model_dir
+
+
+def launch_options(data: tuple[Path, Path], output_dir: Path, batch_size: int, *extra: str) -> list[str]:
+    """train.py options of the multi-process tests (fp32): warm-up then linear decay, weight decay, 2 micro-batches
+    a step, clipping at 1, evaluation every 4 steps in several forwards. 2 processes of batch_size 2 make the global
+    batch of 1 process of batch_size 4. Options in `extra` override these."""
+    root, model_dir = data
+    return train_argv(
+        model_dir, root / "train.jsonl", output_dir, "--max_steps", str(LAUNCH_STEPS), "--lr", "1e-3",
+        "--weight_decay", "0.1", "--warmup_steps", "2", "--batch_size", str(batch_size), "--grad_accum", "2",
+        "--max_grad_norm", "1.0", "--eval_every", "4", "--max_tokens_per_batch", "40", *extra,
+        eval_file=root / "eval.jsonl",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def one_process(launch_data, tmp_path_factory):
+    """one_process(*extra): the output directory of the 1-process run of launch_options(..., 4, *extra), what a
+    2-process run must equal. Each distinct run is trained once a session, whichever test asks first."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def reference(*extra: str) -> Path:
+        if extra not in runs:
+            output_dir = tmp_path_factory.mktemp("one_process") / "run"
+            train_in_process(launch_options(launch_data, output_dir, 4, *extra))
+            runs[extra] = output_dir
+        return runs[extra]
+
+    return reference
+
+
+def assert_same_weights(dir_a: Path, dir_b: Path, atol: float = 1e-6, file: str = "model.safetensors") -> None:
+    """The `file` (the model, or adapter_model.safetensors) of two runs holds the same tensors, within atol."""
     from safetensors.torch import load_file
 
-    weights_a, weights_b = load_file(dir_a / "model.safetensors"), load_file(dir_b / "model.safetensors")
+    weights_a, weights_b = load_file(dir_a / file), load_file(dir_b / file)
     assert weights_a.keys() == weights_b.keys()
     for name in weights_a:
         torch.testing.assert_close(
             weights_b[name], weights_a[name], rtol=0, atol=atol, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+RUN_LINE_KEYS = ("loss", "accuracy", "lr", "tokens", "grad_norm", "eval_loss", "eval_accuracy", "eval_mean_reward")
+
+
+def assert_same_run(one: Path, two: Path, atol: float = 1e-5) -> None:
+    """Two runs took the same steps: the same metrics lines (training steps and evaluations, written once, by the
+    main process), with the same losses, learning rates, token counts and gradient norms (the total norm, however
+    the engine computes it), and the same final evaluation of every held-out pair."""
+    lines_one, lines_two = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
+    assert [line["step"] for line in lines_two] == [line["step"] for line in lines_one]
+    for line_one, line_two in zip(lines_one, lines_two):
+        assert line_two.keys() == line_one.keys(), line_one["step"]
+        for key in RUN_LINE_KEYS:
+            if key in line_one:
+                assert line_two[key] == pytest.approx(line_one[key], rel=1e-5, abs=atol), (line_one["step"], key)
+        if "loss" not in line_one:  # an evaluation: every held-out pair once, however unevenly split over processes
+            assert line_two["eval_num_pairs"] == line_one["eval_num_pairs"] == LAUNCH_EVAL_PAIRS
+    results_one, results_two = (json.loads((d / "eval_results.json").read_text()) for d in (one, two))
+    assert results_one["num_pairs"] == results_two["num_pairs"] == LAUNCH_EVAL_PAIRS
+    for key in ("loss", "accuracy", "margin", "mean_reward"):
+        assert results_two[key] == pytest.approx(results_one[key], abs=atol), key

@@ -37,8 +37,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rmtorch.config import ServeConfig
+from rmtorch.formatting import chat_opening, restore_chat_bos
 from rmtorch.normalize import RewardNormalizer
-from rmtorch.pairs import chat_opening, restore_chat_bos
 from rmtorch.score import RewardScorer
 from rmtorch.serve.batcher import Batcher, ForwardFailed, Overloaded, RequestTooLarge, Scored
 from rmtorch.serve.metrics import ServeMetrics
@@ -312,7 +312,7 @@ class ServeState:
         """Full texts as OpenRLHF and verl send them → ids, a stripped chat BOS restored (`restore_chat_bos`);
         not when the tokenizer adds its own BOS (add_special_tokens with a BOS-adding tokenizer)."""
         tokenizer = self.scorer.tokenizer
-        if self.chat_opening and not (add_special_tokens and self.scorer.keep_first):
+        if self.chat_opening and not (add_special_tokens and self.scorer.bos_id is not None):
             texts = [restore_chat_bos(text, tokenizer, self.chat_opening) for text in texts]
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
@@ -389,7 +389,7 @@ def check_rows(
             raise ApiError(
                 400, "invalid_request",
                 f"{field}[{row}] has {len(ids)} tokens, more than --max_length {max_length}. Shorten it, or start the "
-                "server with --on_long_row keep_end to score its last max_length tokens.",
+                "server with --on_long_row keep_last to score its last max_length tokens.",
             )  # fmt: skip
 
 

@@ -2,7 +2,7 @@
 
 Requests (each a list of token-id rows) wait in a FIFO queue. The worker takes the waiting requests in order, up to
 the scorer's `max_tokens_per_batch` tokens (at least one request), after waiting at most `max_wait_s` from the
-oldest one's arrival for more, and scores them with one `RewardScorer.score_split` call: the scorer's truncation
+oldest one's arrival for more, and scores them with one `RewardScorer.score_tokens` call: the scorer's truncation
 rule and one `compute_rewards`, whose packing computes a prefix rows share once. Rows of different requests share
 prefixes too: `shared_prefix_lengths` finds them in the tokens, so full texts (OpenRLHF, verl) share their prompt
 like rows rmtorch formatted itself. Whatever a batch holds, each reward equals the row scored alone
@@ -22,10 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-import torch
-
-from rmtorch.pairs import common_prefix_length
-from rmtorch.thinking import SplitCompletions
+from rmtorch.formatting import common_prefix_length
 
 logger = logging.getLogger(__name__)
 
@@ -230,15 +227,8 @@ class Batcher:
         sequences = [ids for job in jobs for ids in job.sequences]
         started = time.perf_counter()
         try:
-            shared = shared_prefix_lengths(sequences)
-            # Scored as "full": the prefix as prompt, the rest as answer (the rows already are the part asked for).
-            split = SplitCompletions(
-                [ids[:n] for ids, n in zip(sequences, shared)],
-                [[] for _ in sequences],
-                [ids[n:] for ids, n in zip(sequences, shared)],
-                torch.zeros(len(sequences), dtype=torch.bool),
-            )
-            details = self.scorer.score_split(split, "full")
+            # The rows already are the part asked for: scored as given, a prefix they share computed once.
+            details = self.scorer.score_tokens(sequences, shared_prefix_lengths(sequences))
         except Exception as err:  # the batch's requests get the error; the worker serves the next batch
             logger.exception("The forward of %d requests (%d rows) failed.", len(jobs), len(sequences))
             failure = ForwardFailed(f"The reward model's forward failed on the batch holding this request: {err!r}")

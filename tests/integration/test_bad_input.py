@@ -337,7 +337,7 @@ def test_config_file_with_unknown_key(tmp_path):
 
 
 def test_model_directory_without_weights(tmp_path, tiny_model_dir):
-    from rmtorch.model import load_reward_model
+    from rmtorch.loading import load_reward_model
 
     (tmp_path / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     with pytest.raises(
@@ -348,7 +348,7 @@ def test_model_directory_without_weights(tmp_path, tiny_model_dir):
 
 
 def test_model_path_that_does_not_exist(tmp_path):
-    from rmtorch.model import load_reward_model
+    from rmtorch.loading import load_reward_model
 
     with pytest.raises(
         FileNotFoundError,
@@ -358,7 +358,7 @@ def test_model_path_that_does_not_exist(tmp_path):
 
 
 def test_directory_that_is_not_a_model(tmp_path):
-    from rmtorch.model import load_reward_model
+    from rmtorch.loading import load_reward_model
 
     with pytest.raises(FileNotFoundError, match=r"has no config\.json: not a Hugging Face model directory"):
         load_reward_model(str(tmp_path))
@@ -371,17 +371,21 @@ def short_run(model_dir, train_file, output_dir, *extra):
     return train_argv(model_dir, train_file, output_dir, "--max_steps", "1", "--max_length", "64", *extra)
 
 
-@pytest.mark.parametrize(
-    "problem",
-    [
-        "bad row",
-        "bad eval file",
-        "missing train file",
-        "model without weights",
-        "unknown option",
-        "resume without checkpoint",
-    ],
-)
+# problem: (what train.main raises, its message); each stops the run before output_dir is made.
+START_FAILURES = {
+    "bad row": (PairDataError, r"bad\.jsonl, row 1: 'chosen' and 'rejected' are identical"),
+    "bad eval file": (PairDataError, r"bad\.jsonl, row 1: 'chosen' and 'rejected' are identical"),
+    "missing train file": (PairDataError, r"nope\.jsonl: no such file"),
+    "model without weights": (FileNotFoundError, r"no_weights has a config but no \*\.safetensors weights"),
+    "unknown option": (SystemExit, r"unknown option\(s\) --learning_rate 1\. Valid options: --config, --model"),
+    "resume without checkpoint": (
+        FileNotFoundError,
+        r"--resume_from latest: no checkpoint under .*/out/checkpoints yet",
+    ),
+}
+
+
+@pytest.mark.parametrize("problem", list(START_FAILURES))
 def test_failed_start_leaves_output_dir_untouched(tmp_path, tiny_model_dir, problem):
     import train
 
@@ -391,18 +395,16 @@ def test_failed_start_leaves_output_dir_untouched(tmp_path, tiny_model_dir, prob
     no_weights.mkdir()
     (no_weights / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     output_dir = tmp_path / "out"
-    argv, error = {
-        "bad row": (short_run(tiny_model_dir, bad, output_dir), PairDataError),
-        "bad eval file": (short_run(tiny_model_dir, good, output_dir, "--eval_file", str(bad)), PairDataError),
-        "missing train file": (short_run(tiny_model_dir, tmp_path / "nope.jsonl", output_dir), PairDataError),
-        "model without weights": (short_run(no_weights, good, output_dir), FileNotFoundError),
-        "unknown option": (short_run(tiny_model_dir, good, output_dir, "--learning_rate", "1"), SystemExit),
-        "resume without checkpoint": (
-            short_run(tiny_model_dir, good, output_dir, "--resume_from", "latest"),
-            FileNotFoundError,
-        ),
+    argv = {
+        "bad row": short_run(tiny_model_dir, bad, output_dir),
+        "bad eval file": short_run(tiny_model_dir, good, output_dir, "--eval_file", str(bad)),
+        "missing train file": short_run(tiny_model_dir, tmp_path / "nope.jsonl", output_dir),
+        "model without weights": short_run(no_weights, good, output_dir),
+        "unknown option": short_run(tiny_model_dir, good, output_dir, "--learning_rate", "1"),
+        "resume without checkpoint": short_run(tiny_model_dir, good, output_dir, "--resume_from", "latest"),
     }[problem]
-    with pytest.raises(error):
+    error, message = START_FAILURES[problem]
+    with pytest.raises(error, match=message):
         train.main(argv)
     assert not output_dir.exists()
 
@@ -463,7 +465,7 @@ def scorer():
 
 
 def test_scorer_scores_an_empty_completion_as_training_formats_it(scorer):
-    from rmtorch.pairs import tokenize_response
+    from rmtorch.formatting import tokenize_response
 
     rewards = scorer(["what color is the sky ?"], [""])
     expected = scorer.score_ids([tokenize_response(scorer.tokenizer, "what color is the sky ?", "")])
@@ -471,7 +473,7 @@ def test_scorer_scores_an_empty_completion_as_training_formats_it(scorer):
 
 
 def test_scorer_keeps_the_end_of_a_completion_longer_than_the_window(scorer):
-    from rmtorch.pairs import tokenize_response
+    from rmtorch.formatting import tokenize_response
 
     completion = "blue " * 30
     details = scorer(["a"], [completion], return_details=True)

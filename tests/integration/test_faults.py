@@ -9,21 +9,27 @@ has no fault hooks).
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rmtorch.checkpoint import LOOP_STATE_FILE, resolve_checkpoint, save_checkpoint, truncate_metrics
+from rmtorch.checkpoint import LOOP_STATE_FILE, resolve_checkpoint
 from rmtorch.loss import pairwise_loss
-from tests.conftest import REPO_ROOT, assert_same_weights, latest_step, pair_rows, run_script, train_argv, write_jsonl
+from tests.conftest import (
+    NAN_LOSS,
+    assert_same_weights,
+    kill_at_checkpoint,
+    pair_rows,
+    run_script,
+    train_argv,
+    write_jsonl,
+)
 
 MAX_STEPS = 30  # 12 training pairs, 2 per batch: 6 steps an epoch, so a kill lands in any of 5 epochs
 
@@ -72,21 +78,8 @@ def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(setup, 
     kill_after = random.Random(2024).randint(3, 20)
     output_dir = tmp_path / "killed"
     command = train_command(setup, output_dir, "--save_every", "1")
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *command], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.time() + 240
-        while latest_step(output_dir) < kill_after:
-            assert process.poll() is None, "train.py ended before it could be killed"
-            assert time.time() < deadline, "train.py made no progress"
-            time.sleep(0.005)
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-    killed_at = latest_step(output_dir)
-    assert kill_after <= killed_at < MAX_STEPS and not (output_dir / "model.safetensors").exists()
+    killed_at = kill_at_checkpoint([sys.executable, "train.py", *command], kill_after)
+    assert kill_after <= killed_at < MAX_STEPS
 
     resumed = run_train(command + ["--resume_from", "latest"])
     assert f"at step {killed_at} " in resumed.stdout + resumed.stderr
@@ -140,14 +133,6 @@ def test_crash_mid_save_keeps_the_previous_checkpoint_and_latest(setup, uninterr
     assert (checkpoints / "latest").read_text().strip() == f"step-{MAX_STEPS:06d}"
 
 
-# Every loss is made nan (and so every gradient).
-NAN_LOSS = """
-import rmtorch.loss
-original_loss = rmtorch.loss.pairwise_loss
-rmtorch.loss.pairwise_loss = lambda *args, **kwargs: original_loss(*args, **kwargs) * float("nan")
-"""
-
-
 def test_nonfinite_steps_are_skipped_and_counted(setup, tmp_path, monkeypatch):
     import train
 
@@ -188,66 +173,3 @@ def test_five_nonfinite_steps_in_a_row_stop_with_a_message_and_a_checkpoint(setu
     }
     initial = load_file(setup[1] / "model.safetensors")
     assert saved.keys() == initial.keys() and all(torch.equal(saved[name], initial[name]) for name in initial)
-
-
-# ------------------------------------------------------------------------------- checkpoint.py, no training
-
-
-def test_save_keeps_the_last_two_and_cleans_a_crashed_temp_dir(tmp_path, accelerator):
-    accelerator.prepare(torch.nn.Linear(2, 1))
-    (tmp_path / "checkpoints" / ".tmp-step-000009").mkdir(parents=True)  # left by a crash
-    for step in (1, 2, 3):
-        save_checkpoint(accelerator, tmp_path, {"step": step})
-    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert names == ["latest", "step-000002", "step-000003"]
-    assert resolve_checkpoint("latest", tmp_path).name == "step-000003"
-
-
-def test_saving_a_step_again_replaces_it_and_drops_later_steps(tmp_path, accelerator):
-    accelerator.prepare(torch.nn.Linear(2, 1))
-    for step in (4, 5):
-        save_checkpoint(accelerator, tmp_path, {"step": step, "run": "first"})
-    save_checkpoint(
-        accelerator, tmp_path, {"step": 4, "run": "resumed"}
-    )  # a run resumed from step 4 saves step 4 again
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000004"]
-    assert json.loads((resolve_checkpoint("latest", tmp_path) / LOOP_STATE_FILE).read_text())["run"] == "resumed"
-
-
-def test_resolve_checkpoint_errors_say_what_to_do(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match=r"--resume_from latest: no checkpoint under .* yet\. Start without --resume_from"
-    ):
-        resolve_checkpoint("latest", tmp_path)
-    with pytest.raises(
-        FileNotFoundError,
-        match=r"is not a complete rmtorch checkpoint \(no loop_state\.json\)\. Pass a step-\* directory or 'latest'",
-    ):
-        resolve_checkpoint(str(tmp_path), tmp_path)
-
-
-def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
-    metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text('{"step": 1, "loss": 1}\n{"step": 2, "eval_loss": 1}\n{"step": 3, "loss": 1}\n{"step": 4, "lo')
-    truncate_metrics(metrics, 2)
-    assert metrics.read_text() == '{"step": 1, "loss": 1}\n{"step": 2, "eval_loss": 1}\n'
-
-
-def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, accelerator, capsys):
-    accelerator.prepare(torch.nn.Linear(2, 1), torch.optim.AdamW(torch.nn.Linear(2, 1).parameters()))
-    for step in (1, 2):
-        save_checkpoint(accelerator, tmp_path, {"step": step})
-    weights = tmp_path / "checkpoints" / "step-000002" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:20])  # cut short: a full disk, an interrupted copy
-    assert resolve_checkpoint("latest", tmp_path).name == "step-000001"
-    assert (
-        f"warning: {weights} is damaged (not a complete safetensors file); resuming from step-000001"
-        in capsys.readouterr().err
-    )
-    with pytest.raises(
-        ValueError, match=r"step-000002/model\.safetensors is damaged .* Resume from an older one \(step-000001\)"
-    ):
-        resolve_checkpoint(str(weights.parent), tmp_path)
-    (tmp_path / "checkpoints" / "step-000001" / "optimizer.bin").write_bytes(b"PK\x03\x04 cut")
-    with pytest.raises(ValueError, match=r"step-000002/model\.safetensors is damaged .* Resume from an older one"):
-        resolve_checkpoint("latest", tmp_path)  # no intact checkpoint left: the damaged file is named

@@ -12,7 +12,7 @@ import torch
 import evaluate
 import score
 from rmtorch.config import EvalConfig, ScoreConfig, parse_config, scoring_defaults
-from rmtorch.pairs import chat_opening, restore_chat_bos, tokenize_response
+from rmtorch.formatting import chat_opening, restore_chat_bos, tokenize_response
 from rmtorch.score import RewardScorer
 from rmtorch.serve.__main__ import build_scorer, load_config
 from rmtorch.serve.app import build_app

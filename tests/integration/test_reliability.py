@@ -8,7 +8,6 @@ exit (SystemExit with the `error: ...` line, status 1), the message, and that ev
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -21,18 +20,10 @@ import merge_lora
 import score as score_cli
 import train
 from rmtorch.cli import run
+from rmtorch.formatting import chat_ids
 from rmtorch.outputs import read_marker
-from rmtorch.pairs import chat_ids, tokenize_pairs
-from tests.conftest import pair_rows, read_jsonl, save_tiny_llama, train_argv, train_in_process, write_jsonl
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every file under root with the sha256 of its bytes: what must not change when a command is refused."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
+from rmtorch.pairs import tokenize_pairs
+from tests.conftest import pair_rows, read_jsonl, save_tiny_llama, train_argv, train_in_process, tree, write_jsonl
 
 
 def refused(main, argv: list[str], message: str, root: Path) -> None:

@@ -18,15 +18,15 @@ import torch
 import evaluate
 from rmtorch.cli import run
 from rmtorch.files import PairDataError, read_rows
-from rmtorch.model import RewardModel, compute_rewards, load_reward_model
-from rmtorch.rewardbench import V1_EXAMPLE_COUNTS, V1_ROWS, V1_SECTIONS, V2_ROWS, read_prompts, tokenize_prompts
-from tests.conftest import assert_real_png, read_jsonl, run_script, save_tiny_llama, write_jsonl
-
-WORDS = "what color is the sky blue green red yes no a an of to and in it".split()  # the BOS tokenizer's words
+from rmtorch.loading import load_reward_model
+from rmtorch.model import RewardModel, compute_rewards
+from rmtorch.rewardbench import V1_EXAMPLE_COUNTS, V1_ROWS, V1_SECTIONS, V2_ROWS
+from rmtorch.rewardbench_data import read_prompts, tokenize_prompts
+from tests.conftest import PAIR_WORDS, assert_real_png, read_jsonl, run_script, save_tiny_llama, write_jsonl
 
 
 def words(rng: random.Random, low: int, high: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+    return " ".join(rng.choice(PAIR_WORDS) for _ in range(rng.randint(low, high)))
 
 
 def v1_rows(seed: int = 0) -> list[dict]:

@@ -12,13 +12,16 @@ from rmtorch.batching import EpochSampler, LengthGroupedBatchSampler
 from rmtorch.config import TrainConfig
 from rmtorch.model import RewardModel
 from rmtorch.pairs import tokenize_pairs
-from tests.conftest import pair_rows, read_jsonl, train_argv, train_in_process, train_records, write_jsonl
-
-TEXTS = ["what color is the sky ? blue </s>", "how many are 2 + 2 ? 4 </s>", "hello world </s>", "yes"]
-
-
-def batch_of(tokenizer, texts: list[str]) -> dict:
-    return tokenizer(texts, padding=True, return_tensors="pt")
+from tests.conftest import (
+    TEXTS,
+    batch_of,
+    pair_rows,
+    read_jsonl,
+    train_argv,
+    train_in_process,
+    train_records,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ import math
 import pytest
 import torch
 
+from rmtorch.formatting import tokenize_response
 from rmtorch.normalize import group_advantages
-from rmtorch.pairs import tokenize_response
 from rmtorch.score import RewardScorer
-from tests.conftest import make_bos_tokenizer, save_tiny_llama, tiny_llama
-from tests.unit.test_score import PROMPTS, ROWS, reward_alone
+from tests.conftest import PROMPTS, ROWS, make_bos_tokenizer, reward_alone, save_tiny_llama, tiny_llama
 
 pytest.importorskip("trl")
 
@@ -133,8 +132,8 @@ def grpo_trainer(tmp_path, tokenizer, reward_funcs, prompts, **config):
 
 @pytest.mark.parametrize("kind", ["text", "messages"])
 def test_matches_trl_grpo_where_trl_uses_the_training_format(tmp_path, bos_tokenizer, kind):
-    """E14: conversations give identical ids in TRL's GRPO, so rewards agree; standard text with a BOS-adding
-    tokenizer does not (TRL drops BOS and EOS, spec §7.6), and rmtorch keeps training's format."""
+    """Conversations give identical ids in TRL's GRPO, so rewards agree; standard text with a BOS-adding
+    tokenizer does not (TRL drops BOS and EOS), and rmtorch keeps training's format."""
     model = tiny_llama(len(bos_tokenizer), pad_token_id=bos_tokenizer.pad_token_id)
     prompts, completions = ROWS[kind]()
     trainer = grpo_trainer(tmp_path, bos_tokenizer, [copy.deepcopy(model)], prompts)
@@ -153,7 +152,7 @@ def test_matches_trl_grpo_where_trl_uses_the_training_format(tmp_path, bos_token
 
 
 def test_runs_one_grpo_step_as_a_reward_function(tmp_path, smol_tokenizer):
-    """E15: the scorer is a plain TRL reward function; the logged rewards are its rewards of the logged completions."""
+    """The scorer is a plain TRL reward function; the logged rewards are its rewards of the logged completions."""
     model = tiny_llama(len(smol_tokenizer), pad_token_id=smol_tokenizer.pad_token_id)
     scorer = RewardScorer(model, smol_tokenizer)
     trainer = grpo_trainer(tmp_path, smol_tokenizer, [scorer.as_reward_func(name="rm")], PROMPTS)

@@ -13,7 +13,7 @@ from tests.conftest import pair_rows, train_argv, train_in_process, write_jsonl
 pytest.importorskip("trl")
 
 
-def test_two_lora_steps_match_reward_trainer(tmp_path, tiny_model_dir, bos_tokenizer):  # E12
+def test_two_lora_steps_match_reward_trainer(tmp_path, tiny_model_dir, bos_tokenizer):
     """Same adapter init (set_seed(42) before get_peft_model), same data order, same trained LoRA and head weights."""
     import datasets
     from peft import LoraConfig, get_peft_model_state_dict

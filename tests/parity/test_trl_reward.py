@@ -83,7 +83,7 @@ def dataset_formats():
 
 @pytest.mark.parametrize("tokenizer_name", ["smol_tokenizer", "bos_tokenizer"])
 @pytest.mark.parametrize("fmt", list(dataset_formats()))
-def test_token_ids_match_trl(request, tmp_path, tokenizer_name, fmt):  # E1
+def test_token_ids_match_trl(request, tmp_path, tokenizer_name, fmt):
     tokenizer = request.getfixturevalue(tokenizer_name)
     rows = json.loads(json.dumps(dataset_formats()[fmt]).replace("{eos}", tokenizer.eos_token))
     ours = tokenize_pairs(datasets.Dataset.from_list(rows), tokenizer)
@@ -92,7 +92,7 @@ def test_token_ids_match_trl(request, tmp_path, tokenizer_name, fmt):  # E1
     assert ours["rejected_ids"] == theirs["rejected_ids"]
 
 
-def test_pretokenized_and_legacy_columns_match_trl(tmp_path, bos_tokenizer):  # E2
+def test_pretokenized_and_legacy_columns_match_trl(tmp_path, bos_tokenizer):
     rows = [{"chosen_ids": [1, 5, 6, 2], "rejected_ids": [1, 7, 2], "margin": 0.5}]
     legacy = [{"chosen_input_ids": r["chosen_ids"], "rejected_input_ids": r["rejected_ids"]} for r in rows]
     ours = tokenize_pairs(datasets.Dataset.from_list(rows), bos_tokenizer)
@@ -107,7 +107,7 @@ def test_pretokenized_and_legacy_columns_match_trl(tmp_path, bos_tokenizer):  # 
 
 
 @pytest.mark.parametrize("offset", [None, 0, -1])
-def test_max_length_drop_keeps_the_same_rows_as_trl(tmp_path, smol_tokenizer, offset):  # E3
+def test_max_length_drop_keeps_the_same_rows_as_trl(tmp_path, smol_tokenizer, offset):
     rows = [
         {"prompt": "what is the colour of " + "the " * n, "chosen": " blue", "rejected": " a deep green"}
         for n in range(6)
@@ -124,7 +124,7 @@ def test_max_length_drop_keeps_the_same_rows_as_trl(tmp_path, smol_tokenizer, of
 
 @pytest.mark.parametrize("pad_to_multiple_of", [None, 4])
 @pytest.mark.parametrize("with_margin", [False, True])
-def test_collated_batch_matches_trl(pad_to_multiple_of, with_margin):  # E4
+def test_collated_batch_matches_trl(pad_to_multiple_of, with_margin):
     examples = [{"chosen_ids": [5, 6, 7], "rejected_ids": [8, 9]}, {"chosen_ids": [6, 7], "rejected_ids": [8]}]
     if with_margin:
         for e, m in zip(examples, (0.5, 1.0)):
@@ -150,7 +150,7 @@ PAIRS = [
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_pooled_rewards_equal_trl_when_pad_differs_from_eos(bos_tokenizer, padding_side):  # E5
+def test_pooled_rewards_equal_trl_when_pad_differs_from_eos(bos_tokenizer, padding_side):
     model = tiny_llama(len(bos_tokenizer), pad_token_id=bos_tokenizer.pad_token_id)
     batch = _batch(bos_tokenizer, PAIRS, padding_side)
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_pooled_rewards_equal_trl_when_pad_differs_from_eos(bos_tokenizer, paddi
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
 
 
-def test_pooled_rewards_differ_from_trl_exactly_where_eos_equals_pad(smol_tokenizer):  # E5, pitfall P1
+def test_pooled_rewards_differ_from_trl_exactly_where_eos_equals_pad(smol_tokenizer):
     model = tiny_llama(len(smol_tokenizer), pad_token_id=smol_tokenizer.pad_token_id)
     batch = _batch(smol_tokenizer, PAIRS)
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -178,7 +178,7 @@ def test_pooled_rewards_differ_from_trl_exactly_where_eos_equals_pad(smol_tokeni
 
 @pytest.mark.parametrize("center", [None, 0.01])
 @pytest.mark.parametrize("with_margin", [False, True])
-def test_loss_and_gradients_match_trl(tmp_path, bos_tokenizer, center, with_margin):  # E6, E7
+def test_loss_and_gradients_match_trl(tmp_path, bos_tokenizer, center, with_margin):
     rows = [dict(r) for r in PAIRS] if with_margin else [{k: v for k, v in r.items() if k != "margin"} for r in PAIRS]
     batch = _batch(bos_tokenizer, rows)
     ours_model = tiny_llama(len(bos_tokenizer), pad_token_id=bos_tokenizer.pad_token_id)
@@ -202,7 +202,7 @@ def test_loss_and_gradients_match_trl(tmp_path, bos_tokenizer, center, with_marg
 
 
 @pytest.mark.parametrize("grad_accum", [2, 3])
-def test_four_step_training_matches_reward_trainer(tmp_path, bos_tokenizer, grad_accum):  # E9 (b) + E10
+def test_four_step_training_matches_reward_trainer(tmp_path, bos_tokenizer, grad_accum):
     """Sequential order, batch 2, grad accumulation 2, warmup 1, margins, centering; head drawn from the seed.
     With accumulation 3 the epoch's 8 micro-batches end in a step of 2: its loss is their mean, as in TRL."""
     import train
@@ -304,7 +304,7 @@ def test_four_step_training_matches_reward_trainer(tmp_path, bos_tokenizer, grad
     assert our_losses == pytest.approx(trl_losses, abs=1e-5)
 
 
-def test_eval_loss_matches_trl_and_accuracy_is_pair_weighted(tmp_path, bos_tokenizer):  # E13, pitfall P6
+def test_eval_loss_matches_trl_and_accuracy_is_pair_weighted(tmp_path, bos_tokenizer):
     rows = [{k: v for k, v in r.items() if k != "margin"} for r in PAIRS]  # 3 pairs, eval batch 2: batches of 2 and 1
     model = tiny_llama(len(bos_tokenizer), pad_token_id=bos_tokenizer.pad_token_id)
     trainer = RewardTrainer(

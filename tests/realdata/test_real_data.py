@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import evaluate
-from rmtorch.pairs import tokenize_response
+from rmtorch.formatting import tokenize_response
 from rmtorch.score import RewardScorer
-from tests.conftest import read_jsonl, save_tiny_llama, shared_path
-from tests.unit.test_score import PROMPTS, RESPONSES, reward_alone
+from tests.conftest import PROMPTS, RESPONSES, read_jsonl, reward_alone, save_tiny_llama, shared_path
 
 
 def test_eval_report_on_llmbar_scores_the_labelled_output_as_chosen(tmp_path, smol_tokenizer):

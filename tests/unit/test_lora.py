@@ -8,16 +8,11 @@ import sys
 import pytest
 import torch
 
-from rmtorch.lora import apply_lora, merge_adapter, quantization_config_4bit, save_adapter
+from rmtorch.loading import load_reward_model, quantization_config_4bit
+from rmtorch.lora import apply_lora, merge_adapter, save_adapter
 from rmtorch.loss import pairwise_loss
-from rmtorch.model import RewardModel, enable_gradient_checkpointing, load_reward_model
-
-TEXTS = ["what color is the sky ? blue </s>", "how many are 2 + 2 ? 4 </s>", "hello world </s>", "yes"]
-
-
-def batch_of(tokenizer, texts: list[str]) -> dict:
-    """(N, T) right-padded ids and mask for a few texts."""
-    return tokenizer(texts, padding=True, return_tensors="pt")
+from rmtorch.model import RewardModel, enable_gradient_checkpointing
+from tests.conftest import TEXTS, batch_of
 
 
 def load(model_dir, quantized: bool, dtype=torch.float32):
@@ -43,7 +38,7 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("target", ["all-linear", "q_proj,v_proj"])
-def test_trainable_parameters_are_the_adapters_and_the_head_like_peft_seq_cls(tiny_model_dir, target):  # E12 (names)
+def test_trainable_parameters_are_the_adapters_and_the_head_like_peft_seq_cls(tiny_model_dir, target):
     from peft import LoraConfig, get_peft_model
 
     ours = apply_lora(load(tiny_model_dir, quantized=False)[0], r=4, alpha=8, target=target)
@@ -57,9 +52,7 @@ def test_trainable_parameters_are_the_adapters_and_the_head_like_peft_seq_cls(ti
     assert "base_model.model.score.modules_to_save.default.weight" in trainable(ours)
 
 
-def test_score_head_is_trainable_and_fp32_under_4bit_with_a_bf16_body(
-    tiny_model_dir,
-):  # better than TRL (spec P11, P12)
+def test_score_head_is_trainable_and_fp32_under_4bit_with_a_bf16_body(tiny_model_dir):
     model, _ = load(tiny_model_dir, quantized=True, dtype=torch.bfloat16)
     model = apply_lora(model, target="all-linear")
     head = model.base_model.model.score.modules_to_save["default"]

@@ -6,7 +6,8 @@ import datasets
 import pytest
 
 from rmtorch.files import PairDataError
-from rmtorch.pairs import prompt_ids, tokenize_pairs, tokenize_response, validate_row
+from rmtorch.formatting import prompt_ids, tokenize_response
+from rmtorch.pairs import tokenize_pairs, validate_row
 
 
 def test_keep_end_cuts_the_prompt_from_the_left_and_keeps_bos(bos_tokenizer):

@@ -10,6 +10,7 @@ import pytest
 
 from rmtorch.files import PairDataError, Rows
 from rmtorch.pairs import tokenize_pairs
+from rmtorch.report import format_benchmark_table, plot_benchmark_scores
 from rmtorch.rewardbench import (
     V1_EXAMPLE_COUNTS,
     V1_ROWS,
@@ -17,15 +18,12 @@ from rmtorch.rewardbench import (
     V2_ROWS,
     Prompt,
     best_of_n_result,
-    format_table,
     pair_result,
-    plot_scores,
-    read_prompts,
     score_benchmark,
     section_scores,
     ties_score,
-    tokenize_prompts,
 )
+from rmtorch.rewardbench_data import read_prompts, tokenize_prompts
 from tests.conftest import assert_real_png, make_bos_tokenizer
 
 
@@ -299,7 +297,7 @@ def test_every_row_too_long_is_an_error(bos_tokenizer):
 def test_the_table_lists_sections_subsets_and_says_when_the_data_is_partial(tmp_path):
     prompts = prompts_of({"hep-go": 2, "alpacaeval-easy": 1})
     report, _ = score_benchmark("rewardbench", prompts, [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    table = format_table(report).splitlines()
+    table = format_benchmark_table(report).splitlines()
     assert table[:6] == [
         "RewardBench v1: 3 rows",
         "  Chat                                      1.0000",
@@ -310,4 +308,4 @@ def test_the_table_lists_sections_subsets_and_says_when_the_data_is_partial(tmp_
     ]
     table = "\n".join(table)
     assert "note: not the full benchmark" in table and "no rows of alpacaeval-length," in table
-    assert_real_png(plot_scores(report, tmp_path / "scores.png"))
+    assert_real_png(plot_benchmark_scores(report, tmp_path / "scores.png"))

@@ -9,33 +9,10 @@ import pytest
 import torch
 
 from rmtorch.files import PairDataError
-from rmtorch.model import backbone, score_head
-from rmtorch.pairs import tokenize_pairs, tokenize_response, validate_row
+from rmtorch.formatting import tokenize_response
+from rmtorch.pairs import tokenize_pairs, validate_row
 from rmtorch.score import RewardScorer, check_row_lists
-from tests.conftest import save_tiny_llama, tiny_llama
-
-PROMPTS = ["what color is the sky ?", "how many are 2 + 3 ?", "hello", "is it good ?"]
-RESPONSES = [" blue", " 5 . the answer is 2 + 3 = 5 , yes", " hello world ! how are you ? I think it is good", " no"]
-
-
-def text_rows():
-    return PROMPTS, RESPONSES
-
-
-def message_rows():
-    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
-    completions = [[{"role": "assistant", "content": r.strip()}] for r in RESPONSES]
-    return prompts, completions
-
-
-ROWS = {"text": text_rows, "messages": message_rows}
-
-
-def reward_alone(model, ids: list[int]) -> float:
-    """Oracle: one unpadded row through body and head, read at its last token."""
-    with torch.no_grad():
-        hidden = backbone(model)(input_ids=torch.tensor([ids])).last_hidden_state
-        return score_head(model)(hidden[0, -1]).item()
+from tests.conftest import PROMPTS, RESPONSES, ROWS, message_rows, reward_alone, save_tiny_llama, tiny_llama
 
 
 @pytest.fixture(params=["smol", "bos"])
@@ -87,7 +64,7 @@ def test_packing_computes_each_prompt_once(bos_tokenizer, kind):
 
 
 def test_pad_equal_eos_scores_the_eos(smol_tokenizer):
-    # SmolLM2: pad == eos; the EOS training appends is the pooled token (not skipped as in TRL, spec §3.2).
+    # SmolLM2: pad == eos; the EOS training appends is the pooled token (not skipped as in TRL).
     model = tiny_llama(len(smol_tokenizer), pad_token_id=smol_tokenizer.pad_token_id)
     scorer = RewardScorer(model, smol_tokenizer)
     ids = tokenize_response(smol_tokenizer, PROMPTS[0], RESPONSES[0])

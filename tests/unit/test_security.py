@@ -14,7 +14,7 @@ import torch
 
 from rmtorch.checkpoint import load_checkpoint, save_checkpoint
 from rmtorch.config import TrainConfig, parse_config
-from rmtorch.model import load_reward_model
+from rmtorch.loading import load_reward_model
 from tests.conftest import REPO_ROOT
 
 

@@ -59,8 +59,7 @@ class RecordingScorer:
     def __init__(self, max_tokens_per_batch: int, max_length: int | None = None):
         self.max_tokens_per_batch, self.max_length, self.batches = max_tokens_per_batch, max_length, []
 
-    def score_split(self, split, part):
-        sequences = split.sequences(part)
+    def score_tokens(self, sequences, prompt_lengths=None):
         self.batches.append(sequences)
         lengths = torch.tensor([len(ids) for ids in sequences])
         return SimpleNamespace(rewards=lengths.float(), num_tokens=lengths, truncated=torch.zeros_like(lengths).bool())

@@ -8,18 +8,11 @@ import math
 import pytest
 import torch
 
-from rmtorch.model import backbone, score_head
-from rmtorch.pairs import tokenize_response
+from rmtorch.formatting import tokenize_response
+from rmtorch.quality import ThinkingVocab, ThinkingWeights, thinking_quality
 from rmtorch.score import RewardScorer
-from rmtorch.thinking import (
-    ThinkingVocab,
-    ThinkingWeights,
-    ThinkTokens,
-    resolve_think_tokens,
-    split_completion,
-    thinking_quality,
-)
-from tests.conftest import shared_path, tiny_llama
+from rmtorch.thinking import ThinkTokens, resolve_think_tokens, split_completion
+from tests.conftest import reward_alone, shared_path, tiny_llama
 
 START, END = 151667, 151668
 THINK = ThinkTokens(start_id=START, end_id=END)
@@ -67,12 +60,6 @@ def traces():
 
 def completion_text(row) -> str:
     return "<think>\n" + row["reasoning"] + "\n</think>\n\n" + row["answer"]
-
-
-def reward_alone(model, ids: list[int]) -> float:
-    with torch.no_grad():
-        hidden = backbone(model)(input_ids=torch.tensor([ids])).last_hidden_state
-        return score_head(model)(hidden[0, -1]).item()
 
 
 def encode(tokenizer, text: str) -> list[int]:

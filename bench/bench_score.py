@@ -2,6 +2,7 @@
 
     python bench/bench_score.py                       # 8 prompts x 8 completions, SmolLM2-135M, fp32 and bf16
     python bench/bench_score.py --threads 2 --max_completion 512
+    python bench/bench_score.py --prompts 2 --generations 4 --rounds 2 --precision fp32 --no_write  # a quick look
     pytest bench/ --benchmark-only          # the same through pytest-benchmark (RMTORCH_BENCH_ARGS adds options)
 
 Load: the first `--prompts` GSM8K questions of ../shared/data/r1_gsm8k as user turns, each with `--generations`
@@ -20,6 +21,13 @@ the rows' real tokens (the same total for every variant). Each precision in `--p
 in bf16 the seed runs under CPU bf16 autocast and rmtorch with the scorer's bf16 autocast, and every variant's
 largest reward difference from the seed's fp32 rewards is reported, so speed and accuracy are compared fairly.
 
+Plain vLLM, in the same run when .venv-vllm exists (tests/vllm/setup_venv.sh; else skipped, with the reason
+printed and recorded): its offline engine (`LLM(..., runner="pooling", dtype="float32")`, bench/vllm_engine.py in
+that venv) with its prefix cache on (vLLM's default) and off, against rmtorch's packed scorer, token ids in and fp32
+rewards out, on `--rounds` fresh GRPO loads of the same shape (vLLM's cache keeps whole sequences: a repeated row
+would time the cache). Reported: each side's time, tokens/s, positions run (tokens less those vLLM read from its
+cache; rmtorch's packed plan) and the rewards' largest difference (must be within 1e-3), under score_vs_vllm.
+
 Writes score_* keys into bench/results/latest.json (read-modify-write: other benches own other keys) and
 prints a table.
 """
@@ -32,6 +40,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,14 +58,18 @@ DATA_FILE = REPO_ROOT.parent / "shared" / "data" / "r1_gsm8k" / "r1_distill_qwen
 
 
 def grpo_load(
-    tokenizer, num_prompts: int, generations: int, min_tokens: int, max_tokens: int, seed: int, distinct: bool = False
-):
-    """(prompts, completions) as GRPO passes them: message lists, each prompt's completions adjacent. Completions
-    are cut from the prompt's own R1 trace, so a group's completions also share their first tokens; with
-    `distinct`, each completion is cut from the trace of another question (the rows after the prompts'), so that
-    a group shares its prompt and nothing more, as sampled completions mostly do."""
-    lines = DATA_FILE.read_text().splitlines()
+    tokenizer, num_prompts: int, generations: int, min_tokens: int, max_tokens: int, seed: int, distinct: bool = False,
+    offset: int = 0,
+):  # fmt: skip
+    """(prompts, completions) as GRPO passes them: message lists, each prompt's completions adjacent. The prompts
+    are `num_prompts` questions from the `offset`-th on. Completions are cut from the prompt's own R1 trace, so a
+    group's completions also share their first tokens; with `distinct`, each completion is cut from the trace of
+    another question (the rows after the prompts'), so that a group shares its prompt and nothing more, as sampled
+    completions mostly do."""
+    lines = DATA_FILE.read_text().splitlines()[offset:]
     rows = [json.loads(line) for line in lines[:num_prompts]]
+    if len(rows) < num_prompts:
+        raise ValueError(f"{DATA_FILE} has too few rows for {num_prompts} prompts from row {offset}.")
     others = [json.loads(line) for line in lines[num_prompts:]] if distinct else []
     if distinct and len(others) < num_prompts * generations:
         raise ValueError(f"{DATA_FILE} has too few rows for {num_prompts} x {generations} distinct completions.")
@@ -125,12 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
         help="Precisions to time; in each, the seed and rmtorch run in the same precision. fp32 comes first.",
     )  # fmt: skip
+    parser.add_argument(
+        "--no_vllm", action="store_true", help="Leave out the comparison with plain vLLM (run when .venv-vllm exists)."
+    )
     parser.add_argument("--no_write", action="store_true", help="Print only; leave bench/results/latest.json alone.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from rmtorch.model import load_reward_model
+    from rmtorch.loading import load_reward_model
     from rmtorch.score import RewardScorer
 
     args = build_parser().parse_args(argv)
@@ -228,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary[f"score_seed_tokens_per_s{suffix}"] = by_name[seed_name]["tokens_per_s"]
         summary[f"score_max_reward_diff{suffix}"] = deviation[precision]["rmtorch packed+shared"]
         summary[f"score_seed_max_reward_diff{suffix}"] = deviation[precision][seed_name]
+    summary["score_vs_vllm"] = compare_with_vllm(args, model, tokenizer, scorers["rmtorch packed+shared"])
     if not args.no_write:
         write_results(summary, ("score_",))
         print(f"written to {RESULTS_FILE}")
@@ -268,6 +285,107 @@ def time_variants(args, model, tokenizer, scorers: dict, prompts, completions, p
         for name, (wall, cpu) in best.items()
     }
     return timings, rewards
+
+
+# --------------------------------------------------------------------------------------------- plain vLLM
+
+VLLM_VARIANTS = {"vLLM prefix cache on": True, "vLLM prefix cache off": False}
+
+
+def compare_with_vllm(args, model, tokenizer, scorer) -> dict:
+    """rmtorch's scorer (packed, shared prompts) against plain vLLM's offline engine with its prefix cache on and
+    off: token ids in, fp32 rewards out (rmtorch's tokenization is left out, as vLLM gets ids), the same model saved
+    once. vLLM's prefix cache keeps whole sequences, so each of `args.rounds` rounds (after a warm-up one) is a
+    fresh GRPO load of the bench's shape: round k's prompts are the k-th block of `--prompts` questions, and no row
+    repeats. One engine runs at a time (an idle one still spins about a tenth of a core), each round alternating
+    it with rmtorch; each variant's time is its total over the rounds, compared with rmtorch's beside it.
+    {"skipped": reason} when .venv-vllm is absent."""
+    import vllm_engine
+
+    reason = "--no_vllm" if args.no_vllm else vllm_engine.unavailable()
+    if reason:
+        print(f"\nComparison with plain vLLM skipped: {reason}")
+        return {"skipped": reason}
+    splits = [
+        scorer.split(*grpo_load(
+            tokenizer, args.prompts, args.generations, args.min_completion, args.max_completion, args.seed + index,
+            offset=index * args.prompts,
+        ))
+        for index in range(args.rounds + 1)
+    ]  # fmt: skip
+    scorer.autocast_dtype = None  # vLLM runs in fp32 (dtype="float32")
+
+    def rmtorch_round(split) -> dict:
+        sequences, prompt_lengths = split.sequences("full"), [len(ids) for ids in split.prompt_ids]
+        details, wall, cpu = timed(lambda: scorer.score_split(split))
+        positions = executed_tokens(sequences, prompt_lengths, args.max_tokens_per_batch)["rmtorch packed+shared"]
+        return {
+            "wall_s": wall, "cpu_s": cpu, "tokens": sum(len(ids) for ids in sequences), "positions": positions,
+            "rewards": details.rewards.tolist(),
+        }  # fmt: skip
+
+    rounds = {name: {"rmtorch packed+shared": [], name: []} for name in VLLM_VARIANTS}  # by engine: both sides
+    with tempfile.TemporaryDirectory(prefix="bench_score_vllm_") as directory:
+        model.save_pretrained(directory, safe_serialization=True)  # the weights scored here, score head included
+        tokenizer.save_pretrained(directory)
+        for engine_name, prefix_caching in VLLM_VARIANTS.items():
+            with vllm_engine.OfflineEngine(directory, prefix_caching=prefix_caching, threads=args.threads) as engine:
+                runners = {"rmtorch packed+shared": rmtorch_round}
+                runners[engine_name] = lambda split, engine=engine: engine.score(split.sequences("full"))
+                for index, split in enumerate(splits):
+                    for name in list(runners) if index % 2 == 0 else list(reversed(runners)):
+                        result = runners[name](split)
+                        if index > 0:  # round 0 warms both up
+                            rounds[engine_name][name].append(result)
+                            wall, cpu = result["wall_s"], result["cpu_s"]
+                            print(f"vs vLLM round {index}: {name:24s} {wall:7.2f} s wall {cpu:7.2f} s cpu", flush=True)
+    return summarize_vllm(args, rounds)
+
+
+def summarize_vllm(args, rounds: dict[str, dict[str, list[dict]]]) -> dict:
+    """Totals of each side of each engine's rounds, rmtorch's speedup over the engine, the rewards' largest
+    difference."""
+
+    def totals(results: list[dict]) -> dict:
+        row = {key: sum(result[key] for result in results) for key in ("wall_s", "cpu_s", "tokens", "positions")}
+        return {**row, "tokens_per_s": row["tokens"] / row["wall_s"]}
+
+    def rewards(results: list[dict]) -> torch.Tensor:
+        return torch.tensor([reward for result in results for reward in result["rewards"]])
+
+    def line(name: str, row: dict, wall_ratio: float, cpu_ratio: float, diff: float) -> None:
+        print(
+            f"{name:24s} {row['wall_s']:8.2f} {row['cpu_s']:8.2f} {row['tokens_per_s']:9.0f} {row['positions']:9d} "
+            f"{wall_ratio:16.2f} {cpu_ratio:15.2f} {diff:22.1e}"
+        )
+
+    print(
+        f"\nvs plain vLLM: fp32, token ids in, rewards out; {args.rounds} rounds of fresh rows, alternating; totals\n"
+        f"{'variant':24s} {'wall s':>8s} {'cpu s':>8s} {'tokens/s':>9s} {'positions':>9s} {'rmtorch x (wall)':>16s} "
+        f"{'rmtorch x (cpu)':>15s} {'max |diff| vs rmtorch':>22s}"
+    )
+    variants = {}
+    for name, sides in rounds.items():
+        rmtorch, vllm = totals(sides["rmtorch packed+shared"]), totals(sides[name])
+        diff = (rewards(sides[name]) - rewards(sides["rmtorch packed+shared"])).abs().max().item()
+        variants[name] = {
+            **vllm, "rmtorch_beside": rmtorch, "max_reward_diff_vs_rmtorch": diff,
+            "rmtorch_speedup_wall": vllm["wall_s"] / rmtorch["wall_s"],
+            "rmtorch_speedup_cpu": vllm["cpu_s"] / rmtorch["cpu_s"],
+        }  # fmt: skip
+        line("rmtorch packed+shared", rmtorch, 1.0, 1.0, 0.0)
+        row = variants[name]
+        line(name, row, row["rmtorch_speedup_wall"], row["rmtorch_speedup_cpu"], row["max_reward_diff_vs_rmtorch"])
+    worst = max(row["max_reward_diff_vs_rmtorch"] for row in variants.values())
+    if worst > 1e-3:
+        raise RuntimeError(
+            f"vLLM's rewards differ from rmtorch's by up to {worst:.1e} (> 1e-3, both fp32); the timings would "
+            "compare different work."
+        )
+    return {
+        "rounds": args.rounds, "rows_per_round": args.prompts * args.generations, "threads": args.threads,
+        "precision": "fp32", "variants": variants,
+    }  # fmt: skip
 
 
 def test_score_vs_seed(benchmark):

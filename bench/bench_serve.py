@@ -25,12 +25,20 @@ Per (server, style, clients): rows/s, tokens/s (the rows' own tokens), p50 and p
 reward from both servers is compared (must agree to 1e-4). Writes serve_* keys to bench/results/latest.json;
 serve_speedup_vs_baseline is rows/s at 32 clients (or the most clients run), one completion per request. The
 default run takes about 15 minutes on a busy 2-core CPU, most of it the baseline answering 32 groups in turn.
+
+Then, when .venv-vllm exists (tests/vllm/setup_venv.sh; else skipped, with the reason printed and recorded), plain
+vLLM's server (docs/serve.md's command, bench/vllm_engine.py) on the same saved model, fp32 and threads, against
+rmtorch.serve at the most clients, one completion per request (/classify with add_special_tokens false, so both
+score the same ids). vLLM's prefix cache keeps whole sequences, so each of `--vllm_rounds` runs (after a warm-up
+one) sends fresh rows, a new block of questions, to both servers in alternating order: rows/s, tokens/s, p50 and
+p99 under serve_vs_vllm, rewards within 1e-4.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import signal
@@ -66,7 +74,8 @@ STYLES = ("verl", "openrlhf")
 def baseline_app(model_name: str):
     """OpenRLHF's serve_rm, in its essentials: each request's texts as one left-padded batch through the model,
     inside the request handler (nothing batched across requests)."""
-    from rmtorch.model import RewardModel, load_reward_model
+    from rmtorch.loading import load_reward_model
+    from rmtorch.model import RewardModel
 
     model, tokenizer = load_reward_model(model_name)
     reward_model = RewardModel(model.eval())
@@ -127,7 +136,7 @@ class ServerProcess:
 def saved_model(name: str, directory: Path, seed: int):
     """(path, tokenizer): `name` itself when it is a model directory, else a copy saved once with a seeded score
     head, so both servers load the same weights (a head loaded from a base model is initialized at random)."""
-    from rmtorch.model import load_reward_model
+    from rmtorch.loading import load_reward_model
 
     torch.manual_seed(seed)
     model, tokenizer = load_reward_model(name)
@@ -166,13 +175,15 @@ class Rows:
         return sum(self.tokens) / self.shared_tokens
 
 
-def build_rows(tokenizer, args) -> Rows:
+def build_rows(tokenizer, args, prompts: int | None = None, offset: int = 0) -> Rows:
+    """The load's rows: `prompts` (default `--prompts`) questions from the `offset`-th on, `--generations` each."""
     from rmtorch.batching import shared_prefix_length
 
     # Distinct completions: a group shares its prompt only (the server would also share any common start).
     prompts, completions = grpo_load(
-        tokenizer, args.prompts, args.generations, args.min_completion, args.max_completion, args.seed, distinct=True
-    )
+        tokenizer, prompts or args.prompts, args.generations, args.min_completion, args.max_completion, args.seed,
+        distinct=True, offset=offset,
+    )  # fmt: skip
     texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
     prompt_texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -278,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_length", type=int, default=2048, help="rmtorch's --max_length (no row is cut).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server (1: steadiest).")
     parser.add_argument("--seed", type=int, default=0, help="Completion lengths and score-head init.")
+    parser.add_argument(
+        "--vllm_rounds", type=int, default=2, help="Runs against plain vLLM, each on fresh rows (after a warm-up)."
+    )
+    parser.add_argument(
+        "--no_vllm", action="store_true", help="Leave out the comparison with plain vLLM (run when .venv-vllm exists)."
+    )
     parser.add_argument("--no_write", action="store_true", help="Print only; leave bench/results/latest.json alone.")
     parser.add_argument("--serve_baseline", action="store_true", help=argparse.SUPPRESS)  # the baseline's process
     return parser
@@ -346,11 +363,12 @@ def main(argv: list[str] | None = None) -> dict:
             for index, (style, clients) in enumerate(settings):
                 for name in list(urls) if index % 2 == 0 else list(urls)[::-1]:
                     runs.append(measure(name, urls[name], rows, style, clients, args, rewards[name]))
+            versus_vllm = compare_with_vllm(args, model, tokenizer, served.url)
     common = rewards["baseline"].keys() & rewards["rmtorch"].keys()
     max_diff = max(abs(rewards["baseline"][row] - rewards["rmtorch"][row]) for row in common)
     if max_diff > 1e-4:
         raise RuntimeError(f"The servers' rewards differ by up to {max_diff:.1e} (> 1e-4): not the same work.")
-    summary = summarize(runs, max_diff, args, rows)
+    summary = {**summarize(runs, max_diff, args, rows), "serve_vs_vllm": versus_vllm}
     print_table(runs, summary)
     if not args.no_write:
         write_results(summary, ("serve_",))
@@ -371,6 +389,74 @@ def print_table(runs: list[Run], summary: dict) -> None:
         f"one group per request (p99 {summary['serve_group_p99_vs_baseline']:.2f}x); one client p50 "
         f"{summary['serve_one_client_p50_vs_baseline']:.2f}x; max |reward diff| {summary['serve_max_reward_diff']:.1e}"
     )
+
+
+# ------------------------------------------------------------------------------------------------ plain vLLM
+
+
+def compare_with_vllm(args, model: str, tokenizer, rmtorch_url: str) -> dict:
+    """rmtorch.serve against plain vLLM's server (started as docs/serve.md says) on the same model, in fp32, with the
+    same torch threads: the most clients, one completion per request (verl's /classify, add_special_tokens false for
+    both, so both score the same ids). vLLM's prefix cache keeps whole sequences, so every run sends rows neither
+    server has seen: a warm-up block, then `--vllm_rounds` blocks of fresh rows, each sent to both servers back to
+    back in alternating order. {"skipped": reason} when .venv-vllm is absent."""
+    import vllm_engine
+
+    reason = "--no_vllm" if args.no_vllm else vllm_engine.unavailable()
+    if reason:
+        print(f"\nComparison with plain vLLM skipped: {reason}")
+        return {"skipped": reason}
+    clients = max(args.clients)
+    per_block = math.ceil(max(clients * args.requests_per_client, args.min_requests) / args.generations)
+    blocks = [build_rows(tokenizer, args, per_block, index * per_block) for index in range(args.vllm_rounds + 1)]
+    body = {"model": vllm_engine.SERVED_NAME, "use_activation": False, "add_special_tokens": False}
+    totals = {name: {"rows": 0, "tokens": 0, "seconds": 0.0, "latencies": []} for name in ("rmtorch", "vLLM")}
+    rewards = {name: {} for name in totals}
+    with vllm_engine.VllmServer(model, threads=args.threads) as server:
+        urls = {"rmtorch": rmtorch_url, "vLLM": server.url}
+        for index, block in enumerate(blocks):
+            requests = [("/classify", {**body, "input": text}, [(index, row)]) for row, text in enumerate(block.texts)]
+            for name in list(urls) if index % 2 == 0 else list(urls)[::-1]:
+                done, seconds, latencies = asyncio.run(
+                    drive(urls[name], requests, clients, args.max_seconds, rewards[name])
+                )
+                if index == 0:
+                    continue  # the warm-up block
+                total = totals[name]
+                total["rows"] += len(done)
+                total["tokens"] += sum(block.tokens[row] for _, row in done)
+                total["seconds"] += seconds
+                total["latencies"] += latencies
+                print(
+                    f"vs vLLM round {index}: {name:7s} {clients} clients, {len(done)} rows in {seconds:6.1f} s",
+                    flush=True,
+                )
+    common = rewards["rmtorch"].keys() & rewards["vLLM"].keys()
+    max_diff = max(abs(rewards["rmtorch"][key] - rewards["vLLM"][key]) for key in common)
+    servers = {
+        name: {
+            "rows": t["rows"], "tokens": t["tokens"], "seconds": t["seconds"], "rows_per_s": t["rows"] / t["seconds"],
+            "tokens_per_s": t["tokens"] / t["seconds"], "p50_s": percentile(t["latencies"], 50),
+            "p99_s": percentile(t["latencies"], 99),
+        }
+        for name, t in totals.items()
+    }  # fmt: skip
+    result = {
+        "clients": clients, "rounds": args.vllm_rounds, "rows_per_round": len(blocks[0].texts), "servers": servers,
+        "rmtorch_speedup": servers["rmtorch"]["rows_per_s"] / servers["vLLM"]["rows_per_s"],
+        "rmtorch_p99_vs_vllm": servers["rmtorch"]["p99_s"] / servers["vLLM"]["p99_s"], "max_reward_diff": max_diff,
+    }  # fmt: skip
+    print(f"\nvs plain vLLM: {clients} clients, one completion per request, {args.vllm_rounds} rounds of fresh rows")
+    print(f"{'server':9s} {'rows/s':>8s} {'tokens/s':>9s} {'p50 s':>7s} {'p99 s':>7s}")
+    for name, row in servers.items():
+        print(f"{name:9s} {row['rows_per_s']:8.2f} {row['tokens_per_s']:9.0f} {row['p50_s']:7.2f} {row['p99_s']:7.2f}")
+    print(
+        f"rmtorch vs vLLM: {result['rmtorch_speedup']:.2f}x rows/s (p99 {result['rmtorch_p99_vs_vllm']:.2f}x); "
+        f"max |reward diff| {max_diff:.1e}"
+    )
+    if max_diff > 1e-4:
+        raise RuntimeError(f"rmtorch's and vLLM's rewards differ by up to {max_diff:.1e} (> 1e-4): not the same work.")
+    return result
 
 
 def test_serve_vs_baseline(benchmark):

@@ -18,6 +18,11 @@ each (also to $OUT when set), so a run cut short keeps what it measured. A secti
    start-up and, for rmtorch, FlexAttention's compile per shape bucket (its time is recorded as cold_loop_s).
 5. score: rmtorch.score.RewardScorer (packed, shared prompts) against the seed's one padded batch on a
    GRPO-shaped load (bench_score.grpo_load), bf16 autocast on the GPU, best of 3 after a warm-up; rewards compared.
+6. vllm: the same scorer against plain vLLM's offline engine (bench/vllm_engine.py, dtype bfloat16) with its prefix
+   cache on and off, one engine at a time, token ids in and rewards out, alternating round by round on 3 fresh
+   GRPO loads after a warm-up one (round k's prompts are the k-th block of `--prompts` questions: vLLM's cache
+   keeps whole sequences, so no row repeats). Runs where the Python running this has vllm; else it records why
+   not (the GPU image has none, and vLLM's CUDA wheels are far larger than what a device call carries).
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ def train(args, model_dir: Path) -> dict:
     """Both trainers on the same pairs, bf16 and QLoRA: tokens/s, and each one's ratio to TRL."""
     from bench_train import matmul_params
 
-    from rmtorch.model import load_reward_model
+    from rmtorch.loading import load_reward_model
 
     rows = {}
     for variant in TRAIN_VARIANTS:  # a variant that fails is recorded, and the others still run
@@ -147,7 +152,7 @@ def score(args, model_dir: Path) -> dict:
     import bench_score
     from bench_score import get_rewards_batch, grpo_load
 
-    from rmtorch.model import load_reward_model
+    from rmtorch.loading import load_reward_model
     from rmtorch.score import RewardScorer
 
     bench_score.DATA_FILE = args.shared / "data" / "r1_gsm8k" / "r1_distill_qwen32b_gsm8k_labeled.jsonl"
@@ -182,6 +187,67 @@ def score(args, model_dir: Path) -> dict:
         "max_reward_diff_vs_seed": (rewards["rmtorch scorer"] - rewards["seed padded batch"]).abs().max().item(),
         "reward_std": rewards["seed padded batch"].std().item(),
     }
+
+
+def versus_vllm(args, model_dir: Path) -> dict:
+    """rmtorch's scorer against plain vLLM's offline engine, both bf16 on the GPU; see section 6 above."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return {
+            "skipped": f"{sys.executable} has no vllm: the GPU image holds none, and vLLM's CUDA wheels (hundreds of "
+            "MB with their dependencies) exceed the 64 MiB a device call carries"
+        }
+    import bench_score
+    import vllm_engine
+    from bench_score import VLLM_VARIANTS, executed_tokens, grpo_load
+
+    from rmtorch.loading import load_reward_model
+    from rmtorch.score import RewardScorer
+
+    bench_score.DATA_FILE = args.shared / "data" / "r1_gsm8k" / "r1_distill_qwen32b_gsm8k_labeled.jsonl"
+    model, tokenizer = load_reward_model(str(model_dir))
+    scorer = RewardScorer(model.cuda().eval(), tokenizer, max_tokens_per_batch=16384, autocast_dtype=torch.bfloat16)
+    splits = [
+        scorer.split(*grpo_load(tokenizer, args.prompts, args.generations, 64, args.max_completion, index,
+                                offset=index * args.prompts))
+        for index in range(4)
+    ]  # fmt: skip
+
+    def rmtorch_round(split) -> dict:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        rewards = scorer.score_split(split).rewards
+        torch.cuda.synchronize()
+        sequences = split.sequences("full")
+        positions = executed_tokens(sequences, [len(ids) for ids in split.prompt_ids], 16384)["rmtorch packed+shared"]
+        return {"wall_s": time.perf_counter() - start, "positions": positions, "rewards": rewards.tolist()}
+
+    results = {}
+    for name, prefix_caching in VLLM_VARIANTS.items():  # one engine at a time, the rmtorch model staying loaded
+        sides = {"rmtorch": [], "vllm": []}
+        with vllm_engine.OfflineEngine(
+            model_dir, prefix_caching=prefix_caching, threads=None, python=sys.executable, dtype="bfloat16",
+            gpu_memory_utilization=0.5,
+        ) as engine:  # fmt: skip
+            for index, split in enumerate(splits):
+                for side in ("rmtorch", "vllm") if index % 2 == 0 else ("vllm", "rmtorch"):
+                    result = rmtorch_round(split) if side == "rmtorch" else engine.score(split.sequences("full"))
+                    if index > 0:  # round 0 warms both up
+                        sides[side].append(result)
+        tokens = sum(len(ids) for split in splits[1:] for ids in split.sequences("full"))
+        wall = {side: sum(r["wall_s"] for r in rounds) for side, rounds in sides.items()}
+        rewards = {side: torch.tensor([x for r in rounds for x in r["rewards"]]) for side, rounds in sides.items()}
+        results[name] = {
+            "tokens": tokens,
+            "wall_s": wall,
+            "tokens_per_s": {side: tokens / seconds for side, seconds in wall.items()},
+            "positions": {side: sum(r["positions"] for r in rounds) for side, rounds in sides.items()},
+            "rmtorch_speedup": wall["vllm"] / wall["rmtorch"],
+            "max_reward_diff": (rewards["vllm"] - rewards["rmtorch"]).abs().max().item(),
+        }
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    return {"rows_per_round": len(splits[0].sequences("full")), "rounds": len(splits) - 1, "variants": results}
 
 
 class CudaInputs(torch.nn.Module):
@@ -236,8 +302,7 @@ def run_trl(args, pairs: list[dict], qlora: bool, workdir: Path) -> dict:
     from transformers.utils import logging as hf_logging
     from trl import RewardConfig, RewardTrainer
 
-    from rmtorch.lora import quantization_config_4bit
-    from rmtorch.model import load_reward_model
+    from rmtorch.loading import load_reward_model, quantization_config_4bit
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, *_, **__):
@@ -314,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
             "model": lambda: build_model(args.shared, model_dir),
             "train": lambda: train(args, model_dir),
             "score": lambda: score(args, model_dir),
+            "vllm": lambda: versus_vllm(args, model_dir),
         }
         for name, section in sections.items():
             if time.time() - start > args.budget_s:

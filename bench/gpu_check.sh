@@ -9,6 +9,9 @@
 # a package index; ../shared does not travel. `prepare` fetches the wheels (bitsandbytes keeps only its CUDA 13
 # libraries, to stay inside the 64 MiB a call carries) and copies the Qwen3 tokenizer and config and the bench
 # data. The run writes bench/results/gpu.json (and, where $OUT is set, copies it and the log there).
+# Its last section times plain vLLM's offline engine beside rmtorch's scorer (bench/vllm_engine.py) where the
+# image's python3 has vllm; the image has none today and vLLM's CUDA wheels are far over the 64 MiB a call carries,
+# so the section then records why it was skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ASSETS=tmp/gpu_check

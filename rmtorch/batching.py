@@ -44,25 +44,43 @@ def pad_sequences(
 
 
 def _margins(examples: list[dict]) -> dict:
-    if "margin" not in examples[0]:
+    """The pairs' labels beside chosen/rejected: `margin` (B,) and `tie` (B,) when the set has them."""
+    labels = {}
+    if "margin" in examples[0]:
+        labels["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
+    if "tie" in examples[0]:
+        labels["tie"] = torch.tensor([e["tie"] for e in examples], dtype=torch.bool)
+    return labels
+
+
+def _response_lengths(examples: list[dict], wanted: bool) -> dict:
+    """(2B,) tokens of each response after its pair's prompt, chosen then rejected: what --length_penalty takes."""
+    if not wanted:
         return {}
-    return {"margin": torch.tensor([e["margin"] for e in examples], dtype=torch.float)}
+    prompts = [pair_prompt_length(e) for e in examples]
+    lengths = [len(e[side]) - p for side in ("chosen_ids", "rejected_ids") for e, p in zip(examples, prompts)]
+    return {"response_lengths": torch.tensor(lengths, dtype=torch.float)}
 
 
 @dataclass
 class PairCollator:
-    """Batch of B pairs → one (2B, T) forward: rows 0..B-1 chosen, rows B..2B-1 rejected (TRL's collator)."""
+    """Batch of B pairs → one (2B, T) forward: rows 0..B-1 chosen, rows B..2B-1 rejected (TRL's collator).
+    With response_lengths, the batch also holds each response's tokens after the prompt, (2B,)."""
 
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    response_lengths: bool = False
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         sequences = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
         input_ids, attention_mask = pad_sequences(
             sequences, self.pad_token_id, self.padding_side, self.pad_to_multiple_of
         )
-        return {"input_ids": input_ids, "attention_mask": attention_mask, **_margins(examples)}
+        return {
+            "input_ids": input_ids, "attention_mask": attention_mask, **_margins(examples),
+            **_response_lengths(examples, self.response_lengths),
+        }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ packed
@@ -133,17 +151,19 @@ class PackedPairCollator:
     """Batch of B pairs → one packed row; rewards come out as (2B,), chosen 0..B-1 then rejected (as PairCollator).
 
     share_prompt lays each pair out as [prompt, chosen response, rejected response], the prompt computed once.
-    The batch's attention_mask counts the tokens through the model, so a shared prompt counts once.
+    The batch's attention_mask counts the tokens through the model, so a shared prompt counts once. With
+    response_lengths, the batch also holds each response's tokens after the prompt, (2B,).
     """
 
     share_prompt: bool = True
+    response_lengths: bool = False
 
     def __call__(self, examples: list[dict]) -> dict:
         groups = [[e["chosen_ids"], e["rejected_ids"]] for e in examples]
         prompt_lengths = [pair_prompt_length(e) if self.share_prompt else 0 for e in examples]
         batch = pack_groups(groups, prompt_lengths=prompt_lengths)
         batch["last_index"] = batch["last_index"].view(-1, 2).t().reshape(-1)  # pair-major → chosen..., rejected...
-        return {**batch, **_margins(examples)}
+        return {**batch, **_margins(examples), **_response_lengths(examples, self.response_lengths)}
 
 
 def model_inputs(batch: dict) -> dict:

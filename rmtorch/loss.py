@@ -1,4 +1,4 @@
-"""The pairwise (Bradley-Terry) loss; pure functions on reward tensors."""
+"""The pairwise (Bradley-Terry) loss and the length penalty; pure functions on reward tensors."""
 
 from __future__ import annotations
 
@@ -30,3 +30,18 @@ def pairwise_loss(
     if center_coeff:
         loss = loss + center_coeff * torch.mean((r_chosen + r_rejected) ** 2)
     return loss
+
+
+def length_penalty(rewards: torch.Tensor, lengths: torch.Tensor, coeff: float, eps: float = 1e-6) -> torch.Tensor:
+    """coeff * cov(r, len)^2 / (var(len) + eps) over a batch's responses: the part of the rewards' variance that
+    length explains linearly, var(r) * corr(r, len)^2, times coeff (1/n moments).
+
+    rewards and lengths are (2B,), every chosen and rejected response of the batch, lengths in tokens of the response
+    alone (the prompt not counted). Its gradient, 2 * coeff * cov * (len_i - mean(len)) / (n * var(len)), moves
+    each reward along the batch's centred lengths only: it removes the rewards' linear trend in length and leaves the
+    rest of their spread alone. The simple alternative to ODIN's separate length head (docs/design.md).
+    """
+    rewards = rewards.to(torch.promote_types(rewards.dtype, torch.float32))  # bf16 up to fp32; fp64 stays
+    centred_lengths = lengths.to(rewards.dtype) - lengths.to(rewards.dtype).mean()
+    covariance = ((rewards - rewards.mean()) * centred_lengths).mean()
+    return coeff * covariance**2 / (centred_lengths.pow(2).mean() + eps)

@@ -145,11 +145,12 @@ def calibration_bins(reward_diff: torch.Tensor, n_bins: int = 10) -> dict:
 
 def _group(name: str, in_group: torch.Tensor, reward_diff: torch.Tensor) -> dict:
     diff = reward_diff[in_group]
+    empty = diff.numel() == 0  # accuracy and margin of no pairs: None, not NaN (JSON has none)
     return {
         "name": name,
         "num_pairs": int(diff.numel()),
-        "accuracy": (diff > 0).double().mean().item(),
-        "margin": diff.mean().item(),
+        "accuracy": None if empty else (diff > 0).double().mean().item(),
+        "margin": None if empty else diff.mean().item(),
     }
 
 
@@ -173,6 +174,58 @@ def accuracy_by_category(categories: Sequence, reward_diff: torch.Tensor) -> lis
     return [_group(name, torch.tensor([n == name for n in names]), reward_diff) for name in sorted(set(names))]
 
 
+# ------------------------------------------------------------------------------------------------ length bias
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Pearson correlation of two equal-size vectors (float64); None when either is constant, where it is undefined."""
+    x, y = x.double(), y.double()
+    if x.numel() < 2 or x.min() == x.max() or y.min() == y.max():
+        return None
+    x, y = x - x.mean(), y - y.mean()
+    return (x @ y / (x.norm() * y.norm())).item()
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of x's values (float64); tied values share the mean of their ranks, as Spearman's rho needs."""
+    sorted_x, order = x.sort(stable=True)
+    _, run_of, run_size = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
+    run_rank = run_size.cumsum(0).double() - (run_size - 1).double() / 2  # a run's last rank minus half its spread
+    ranks = torch.empty(x.numel(), dtype=torch.float64)
+    ranks[order] = run_rank[run_of]
+    return ranks
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Spearman's rank correlation: Pearson's of the average ranks; None when either is constant."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def length_bias(chosen: torch.Tensor, rejected: torch.Tensor, chosen_lengths, rejected_lengths) -> dict:
+    """How far the rewards follow response length, in tokens of each response alone (the prompt not counted).
+
+    reward_length_pearson / _spearman: over all 2N (reward, length) points. margin_length_pearson / _spearman:
+    r_c - r_r against len_c - len_r over the N pairs. by_length_order: accuracy and margin of the pairs whose chosen
+    response is shorter, as long, or longer than the rejected one (every group listed; accuracy None when empty).
+    A correlation is None where it is undefined (a constant input).
+    """
+    chosen_lengths = torch.as_tensor(chosen_lengths, dtype=torch.float64).flatten()
+    rejected_lengths = torch.as_tensor(rejected_lengths, dtype=torch.float64).flatten()
+    rewards, lengths = torch.cat([chosen, rejected]), torch.cat([chosen_lengths, rejected_lengths])
+    reward_diff, length_diff = chosen - rejected, chosen_lengths - rejected_lengths
+    return {
+        "reward_length_pearson": pearson(rewards, lengths),
+        "reward_length_spearman": spearman(rewards, lengths),
+        "margin_length_pearson": pearson(reward_diff, length_diff),
+        "margin_length_spearman": spearman(reward_diff, length_diff),
+        "by_length_order": [
+            _group("chosen shorter", length_diff < 0, reward_diff),
+            _group("same length", length_diff == 0, reward_diff),
+            _group("chosen longer", length_diff > 0, reward_diff),
+        ],
+    }
+
+
 def build_report(
     chosen_rewards,
     rejected_rewards,
@@ -181,13 +234,15 @@ def build_report(
     margins=None,
     n_bins: int = 10,
     n_length_buckets: int = 4,
+    response_lengths=None,
 ) -> dict:
     """The evaluation numbers for N pairs, from their rewards alone (a pure function).
 
     accuracy counts r_c > r_r (ties are wrong, as TRL); margin is mean(r_c - r_r); loss is
     mean(-logsigmoid(r_c - r_r - m)) with the pairs' margins m when given; ece and calibration come from
     `calibration_bins`; by_length splits pairs into quantile buckets of `lengths` (tokens); by_category splits by
-    `categories` (N values) when given.
+    `categories` (N values) when given; `response_lengths`, (chosen, rejected) tokens of each response without its
+    prompt, adds the numbers of `length_bias`.
     """
     chosen = torch.as_tensor(chosen_rewards, dtype=torch.float64).flatten()
     rejected = torch.as_tensor(rejected_rewards, dtype=torch.float64).flatten()
@@ -198,6 +253,8 @@ def build_report(
     if margins is not None:
         margins = torch.as_tensor(margins, dtype=torch.float64).flatten()
         sizes["margins"] = margins.numel()
+    if response_lengths is not None:
+        sizes["chosen_lengths"], sizes["rejected_lengths"] = (len(side) for side in response_lengths)
     if len(set(sizes.values())) != 1 or chosen.numel() == 0:
         raise ValueError(f"build_report needs the same non-zero number of values in each input, got {sizes}.")
     reward_diff = chosen - rejected
@@ -217,6 +274,8 @@ def build_report(
     }
     if categories is not None:
         report["by_category"] = accuracy_by_category(categories, reward_diff)
+    if response_lengths is not None:
+        report.update(length_bias(chosen, rejected, *response_lengths))
     return report
 
 
@@ -238,22 +297,40 @@ def format_report(report: dict) -> str:
     ]
     if "by_category" in report:
         lines += ["accuracy by category:", *(_group_line(g) for g in report["by_category"])]
+    if "by_length_order" in report:
+        lines += _length_bias_lines(report)
     return "\n".join(lines)
 
 
 def _group_line(group: dict) -> str:
+    if group["num_pairs"] == 0:
+        return f"  {group['name']:>14}  n=0"
     return (
-        f"  {group['name']:>12}  n={group['num_pairs']:<5} accuracy {group['accuracy']:.4f}  margin "
+        f"  {group['name']:>14}  n={group['num_pairs']:<5} accuracy {group['accuracy']:.4f}  margin "
         f"{group['margin']:.4f}"
     )
+
+
+def _length_bias_lines(report: dict) -> list[str]:
+    def value(key: str) -> str:
+        return "n/a" if report[key] is None else f"{report[key]:.4f}"
+
+    return [
+        "length bias (response tokens, prompt not counted): reward vs length: pearson "
+        f"{value('reward_length_pearson')}, spearman {value('reward_length_spearman')}; margin vs length "
+        f"difference: pearson {value('margin_length_pearson')}, spearman {value('margin_length_spearman')}",
+        "accuracy by which response is longer:",
+        *(_group_line(g) for g in report["by_length_order"]),
+    ]
 
 
 def pair_report(
     pairs, chosen: torch.Tensor, rejected: torch.Tensor, category_column: str | None = None, **options
 ) -> tuple[dict, list[dict]]:
     """(report, per-pair score lines) of a scored PairSet: the report `build_report` makes (with the pairs'
-    margins and, when the set carries it, the category column), and one line per pair with its row in the data
-    file, both rewards, its length and category. `options` go to build_report (n_bins, n_length_buckets)."""
+    margins, response lengths and, when the set carries it, the category column), and one line per pair with its row
+    in the data file, both rewards, its length, each response's tokens and its category. `options` go to
+    build_report (n_bins, n_length_buckets)."""
     bad = (~torch.isfinite(chosen) | ~torch.isfinite(rejected)).nonzero().flatten().tolist()
     if bad:
         rows = [pairs["row"][i] for i in bad[:10]]
@@ -264,11 +341,12 @@ def pair_report(
         )
     categories = pairs[category_column] if category_column in pairs.column_names else None
     margins = pairs["margin"] if "margin" in pairs.column_names else None
-    lengths = pairs.lengths()
-    report = build_report(chosen, rejected, lengths, categories, margins, **options)
+    lengths, response_lengths = pairs.lengths(), pairs.response_lengths()
+    report = build_report(chosen, rejected, lengths, categories, margins, response_lengths=response_lengths, **options)
     scores = []
     for i, (row, c, r, length) in enumerate(zip(pairs["row"], chosen.tolist(), rejected.tolist(), lengths)):
         line = {"row": row, "chosen_reward": c, "rejected_reward": r, "length": length}
+        line["chosen_response_tokens"], line["rejected_response_tokens"] = (side[i] for side in response_lengths)
         if categories is not None:
             line["category"] = categories[i]
         scores.append(line)

@@ -28,8 +28,8 @@ RESUME_FIXED = (
     "model", "train_file", "eval_file", "eval_fraction", "builtin_size", "max_length", "truncation", "on_bad_row",
     "margin_column", "packing", "batch_size", "grad_accum", "lr", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_eps", "max_grad_norm", "epochs", "max_steps", "warmup_steps", "warmup_ratio", "scheduler",
-    "center_rewards_coefficient", "seed", "shuffle", "group_by_length", "lora", "lora_r", "lora_alpha",
-    "lora_dropout", "lora_target", "load_in_4bit", "bf16", "gradient_checkpointing",
+    "center_rewards_coefficient", "length_penalty", "seed", "shuffle", "group_by_length", "lora", "lora_r",
+    "lora_alpha", "lora_dropout", "lora_target", "load_in_4bit", "bf16", "gradient_checkpointing",
 )  # fmt: skip
 # What train.py writes inside its run directory: no other command may write there.
 RUN_SUBDIRS = ("checkpoints", "report", "trackers")

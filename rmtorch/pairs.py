@@ -70,27 +70,17 @@ class TokenizeReport(RowCounts):
         return asdict(self)
 
 
-class PairSet(torch.utils.data.Dataset):
-    """Tokenized pairs, one container from file to batch. Columns are lists of equal length:
+class ColumnSet(torch.utils.data.Dataset):
+    """Rows held as columns (lists of equal length): `data["name"]` is a column, `data[i]` the i-th row as a dict."""
 
-    chosen_ids, rejected_ids: token ids; prompt_length: tokens both share as the prompt (the first
-    prompt_length ids of each are equal, and each keeps at least one token of its own); row: the pair's row
-    number in its source; margin (optional); plus raw columns carried through (e.g. category, id).
-    `pairs["chosen_ids"]` is a column, `pairs[i]` the i-th pair as a dict.
-    """
-
-    def __init__(self, columns: dict[str, list], source: str = "dataset", report: TokenizeReport | None = None):
+    def __init__(self, columns: dict[str, list], source: str):
         lengths = {name: len(values) for name, values in columns.items()}
         if len(set(lengths.values())) > 1:
-            raise ValueError(f"PairSet columns differ in length: {lengths}")
-        self.columns = columns
-        self.source = source
-        self.report = report or TokenizeReport(
-            rows_in=len(columns["chosen_ids"]), pairs_out=len(columns["chosen_ids"])
-        )
+            raise ValueError(f"{type(self).__name__} columns differ in length: {lengths}")
+        self.columns, self.source = columns, source
 
     def __len__(self) -> int:
-        return len(self.columns["chosen_ids"])
+        return len(next(iter(self.columns.values()), []))
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -100,6 +90,22 @@ class PairSet(torch.utils.data.Dataset):
     @property
     def column_names(self) -> list[str]:
         return list(self.columns)
+
+
+class PairSet(ColumnSet):
+    """Tokenized pairs, one container from file to batch. Columns are lists of equal length:
+
+    chosen_ids, rejected_ids: token ids; prompt_length: tokens both share as the prompt (the first
+    prompt_length ids of each are equal, and each keeps at least one token of its own); row: the pair's row
+    number in its source; margin (optional); plus raw columns carried through (e.g. category, id).
+    `pairs["chosen_ids"]` is a column, `pairs[i]` the i-th pair as a dict.
+    """
+
+    def __init__(self, columns: dict[str, list], source: str = "dataset", report: TokenizeReport | None = None):
+        super().__init__(columns, source)
+        self.report = report or TokenizeReport(
+            rows_in=len(columns["chosen_ids"]), pairs_out=len(columns["chosen_ids"])
+        )
 
     def select(self, indices: Sequence[int]) -> PairSet:
         return PairSet(
@@ -112,6 +118,14 @@ class PairSet(torch.utils.data.Dataset):
     def lengths(self) -> list[int]:
         """Tokens in the longer sequence of each pair (prompt and template included)."""
         return [max(len(c), len(r)) for c, r in zip(self.columns["chosen_ids"], self.columns["rejected_ids"])]
+
+    def response_lengths(self) -> tuple[list[int], list[int]]:
+        """(chosen, rejected) tokens of each pair's responses alone: what follows the prompt_length they share."""
+        prompts = self.columns["prompt_length"]
+        return (
+            [len(ids) - p for ids, p in zip(self.columns["chosen_ids"], prompts)],
+            [len(ids) - p for ids, p in zip(self.columns["rejected_ids"], prompts)],
+        )
 
     def sequences(self) -> tuple[list[list[int]], list[int]]:
         """(2N sequences, their prompt lengths): every chosen, then every rejected; what the scoring path takes."""

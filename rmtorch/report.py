@@ -27,6 +27,7 @@ REPORT_FILES = {
     "calibration": "calibration.png",
     "accuracy_by_length": "accuracy_by_length.png",
     "accuracy_by_category": "accuracy_by_category.png",
+    "length_bias": "length_bias.png",
 }
 FIGSIZE = (8.0, 5.0)  # inches
 DPI = 100
@@ -215,10 +216,43 @@ def plot_accuracy_by(groups: list[dict], title: str, xlabel: str, out_path: str 
     return save_figure(figure, out_path)
 
 
+def plot_length_bias(report: dict, scores: list[dict], out_path: str | Path) -> Path:
+    """Left: every response's reward against its length (tokens of the response alone), with the correlations.
+    Right: pair accuracy when the chosen response is shorter, as long, or longer than the rejected one."""
+    figure = Figure(figsize=FIGSIZE)
+    scatter_ax, order_ax = figure.subplots(1, 2, width_ratios=(3, 2))
+    for side, color in (("chosen", CHOSEN_COLOR), ("rejected", REJECTED_COLOR)):
+        lengths = [s[f"{side}_response_tokens"] for s in scores]
+        scatter_ax.scatter(lengths, [s[f"{side}_reward"] for s in scores], s=8, alpha=0.5, color=color, label=side)
+    correlations = {kind: report[f"reward_length_{kind}"] for kind in ("pearson", "spearman")}
+    shown = ", ".join(f"{kind} {'n/a' if v is None else f'{v:.3f}'}" for kind, v in correlations.items())
+    scatter_ax.set_title(f"reward vs response length ({shown})", fontsize=10)
+    scatter_ax.set_xlabel("response tokens (prompt not counted)")
+    scatter_ax.set_ylabel("reward")
+    scatter_ax.legend(fontsize=8)
+    scatter_ax.grid(alpha=0.3)
+    groups = report["by_length_order"]
+    positions = range(len(groups))
+    order_ax.bar(positions, [g["accuracy"] or 0.0 for g in groups], color="tab:blue", alpha=0.7)
+    for position, group in zip(positions, groups):
+        order_ax.annotate(
+            f"n={group['num_pairs']}", (position, group["accuracy"] or 0.0), textcoords="offset points",
+            xytext=(0, 3), ha="center", fontsize=8,
+        )  # fmt: skip
+    order_ax.axhline(0.5, color="gray", linestyle=":")
+    order_ax.set_xticks(list(positions), [g["name"] for g in groups], fontsize=8)
+    order_ax.set_ylim(0, 1.08)
+    order_ax.set_ylabel("pair accuracy")
+    order_ax.set_title("accuracy by which response is longer", fontsize=10)
+    order_ax.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    return save_figure(figure, out_path)
+
+
 def write_report(report: dict, scores: list[dict], report_dir: str | Path) -> dict[str, Path]:
     """Write metrics.json (the report), scores.jsonl (one line a pair: its row in the data file, rewards, length,
-    category) and the PNG plots; return their paths. The files are made in a temporary directory and moved in
-    when all are complete, so a failure leaves the directory as it was."""
+    response tokens, category) and the PNG plots; return their paths. The files are made in a temporary directory
+    and moved in when all are complete, so a failure leaves the directory as it was."""
     report_dir = Path(report_dir)
     report_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.", dir=report_dir.parent))
@@ -253,6 +287,10 @@ def _write_report_files(report: dict, scores: list[dict], report_dir: Path) -> d
         plot_accuracy_by(report["by_category"], "accuracy by category", "category", paths["accuracy_by_category"])
     else:
         del paths["accuracy_by_category"]
+    if "by_length_order" in report:
+        plot_length_bias(report, scores, paths["length_bias"])
+    else:
+        del paths["length_bias"]
     return paths
 
 

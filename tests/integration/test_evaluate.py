@@ -128,7 +128,32 @@ def test_accuracy_by_category_and_length_equal_direct_computation(eval_run, bos_
         assert (group["num_pairs"], group["accuracy"]) == (len(selected), pytest.approx(accuracy(selected), abs=1e-12))
 
 
-@pytest.mark.parametrize("name", ["reward_histograms", "calibration", "accuracy_by_length", "accuracy_by_category"])
+def test_length_bias_equals_direct_computation_on_response_tokens(eval_run, bos_tokenizer):
+    import statistics
+
+    scores, metrics = read_jsonl(eval_run["report_dir"] / "scores.jsonl"), eval_run["report"]
+    for s, row in zip(scores, read_jsonl(eval_run["data"])):  # the response alone: tokens after the prompt's
+        prompt_tokens = len(bos_tokenizer(row["prompt"])["input_ids"])
+        for side in ("chosen", "rejected"):
+            full = len(bos_tokenizer(row["prompt"] + row[side] + "</s>")["input_ids"])
+            assert s[f"{side}_response_tokens"] == full - prompt_tokens
+    rewards = [s["chosen_reward"] for s in scores] + [s["rejected_reward"] for s in scores]
+    lengths = [s["chosen_response_tokens"] for s in scores] + [s["rejected_response_tokens"] for s in scores]
+    assert metrics["reward_length_pearson"] == pytest.approx(statistics.correlation(rewards, lengths), abs=1e-9)
+    margins = [s["chosen_reward"] - s["rejected_reward"] for s in scores]
+    differences = [s["chosen_response_tokens"] - s["rejected_response_tokens"] for s in scores]
+    assert metrics["margin_length_pearson"] == pytest.approx(statistics.correlation(margins, differences), abs=1e-9)
+    for group, keep in zip(metrics["by_length_order"], (lambda d: d < 0, lambda d: d == 0, lambda d: d > 0)):
+        selected = [m for m, d in zip(margins, differences) if keep(d)]
+        assert group["num_pairs"] == len(selected)
+        if selected:
+            assert group["accuracy"] == pytest.approx(sum(m > 0 for m in selected) / len(selected), abs=1e-12)
+    assert sum(g["num_pairs"] for g in metrics["by_length_order"]) == 31
+
+
+@pytest.mark.parametrize(
+    "name", ["reward_histograms", "calibration", "accuracy_by_length", "accuracy_by_category", "length_bias"]
+)
 def test_report_plots_are_real_images(eval_run, name):
     assert_real_png(eval_run["report_dir"] / REPORT_FILES[name])
 

@@ -9,6 +9,7 @@ from rmtorch.batching import (
     EpochSampler,
     LengthGroupedBatchSampler,
     PackedPairCollator,
+    PairCollator,
     micro_batches,
     pack_groups,
     plan_packed,
@@ -131,3 +132,13 @@ def test_packed_plan_groups_rows_by_prompt_within_the_budget():
             assert group.shared in (0, 4) and (group.shared == 0 or len(group.rows) > 1)
     shared = [g for batch in plan for g in batch if g.shared]
     assert shared and all(set(g.rows) <= {0, 1, 3} for g in shared)  # only rows of the shared prompt share it
+
+
+def test_collators_give_response_lengths_only_when_asked():
+    pairs = [
+        {"chosen_ids": [1, 2, 3, 4], "rejected_ids": [1, 2, 5], "prompt_length": 2},
+        {"chosen_ids": [7, 8], "rejected_ids": [7, 9, 9, 9, 9], "prompt_length": 1},
+    ]
+    for collate in (PackedPairCollator, lambda **kw: PairCollator(pad_token_id=0, **kw)):
+        assert "response_lengths" not in collate()(pairs)  # off by default: TRL's batch, key for key
+        assert collate(response_lengths=True)(pairs)["response_lengths"].tolist() == [2, 1, 1, 4]  # chosen, rejected

@@ -73,14 +73,22 @@ def test_a_missing_run_says_what_to_pass(tmp_path):
 
 def test_write_report_writes_every_file(tmp_path):
     chosen, rejected = torch.tensor([1.0, 0.5, -1.0, 2.0]), torch.tensor([0.0, 0.7, -2.0, 1.0])
-    report = build_report(chosen, rejected, [5, 6, 7, 8], categories=["a", "b", "a", "b"])
+    chosen_tokens, rejected_tokens = [3, 1, 4, 1], [2, 2, 4, 6]
+    report = build_report(
+        chosen,
+        rejected,
+        [5, 6, 7, 8],
+        categories=["a", "b", "a", "b"],
+        response_lengths=(chosen_tokens, rejected_tokens),
+    )
     scores = [
-        {"row": i, "chosen_reward": c, "rejected_reward": r, "length": 5 + i, "category": "ab"[i % 2]}
+        {"row": i, "chosen_reward": c, "rejected_reward": r, "length": 5 + i, "category": "ab"[i % 2],
+         "chosen_response_tokens": chosen_tokens[i], "rejected_response_tokens": rejected_tokens[i]}
         for i, (c, r) in enumerate(zip(chosen.tolist(), rejected.tolist()))
-    ]
+    ]  # fmt: skip
     paths = write_report(report, scores, tmp_path / "report")
     assert set(paths) == set(REPORT_FILES)
     assert json.loads(paths["metrics"].read_text()) == report and read_jsonl(paths["scores"]) == scores
-    for name in ("reward_histograms", "calibration", "accuracy_by_length", "accuracy_by_category"):
+    for name in ("reward_histograms", "calibration", "accuracy_by_length", "accuracy_by_category", "length_bias"):
         assert_real_png(paths[name])
     assert not list((tmp_path / "report").glob(".*"))  # no temporary file left behind

@@ -94,9 +94,11 @@ def main(argv: list[str] | None = None) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
 
     autocast = torch.bfloat16 if cfg.bf16 else None
+    # packing and padding are the torch engine's; vLLM batches (and caches prefixes) itself
+    batching = {"packing": cfg.packing} if cfg.engine == "torch" else {}
     scorer = RewardScorer.from_pretrained(
         cfg.model, device=cfg.device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
-        packing=cfg.packing, trust_remote_code=cfg.trust_remote_code, autocast_dtype=autocast,
+        trust_remote_code=cfg.trust_remote_code, autocast_dtype=autocast, engine=cfg.engine, **batching,
     )  # fmt: skip
     tmp = output.with_name(f".{output.name}.tmp")
     try:
@@ -111,8 +113,8 @@ def main(argv: list[str] | None = None) -> Path:
         tmp.unlink(missing_ok=True)
     write_file_marker(output, "score", model=str(cfg.model), input=str(cfg.input))
     print(
-        f"scored {len(rows)} rows from {cfg.input} with {cfg.model} ({cfg.part}; {scorer.precision}, max_length "
-        f"{scorer.max_length}, from {scoring_source(cfg.model)}) → {output}"
+        f"scored {len(rows)} rows from {cfg.input} with {cfg.model} ({cfg.part}; {cfg.engine} engine, "
+        f"{scorer.precision}, max_length {scorer.max_length}, from {scoring_source(cfg.model)}) → {output}"
     )
     return output
 

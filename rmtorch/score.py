@@ -13,6 +13,11 @@ completions) are packed into one padding-free row as [prompt, completion 1, comp
 computed once; `packing=False` sorts rows by length and pads micro-batches (left or right). Either way every
 reward equals the row scored alone (fp32, ~1e-6), and the caller's model is left as it was given.
 
+Engines (`rmtorch.engines`): that forward is the "torch" engine, the default. `engine="vllm"` hands the same
+formatted ids to vLLM's pooling engine instead (several GPUs, tensor parallelism, vLLM's kernels; vLLM installed):
+
+    scorer = RewardScorer.from_pretrained("outputs/rm", engine="vllm", engine_options={"tensor_parallel_size": 2})
+
 Truncation: a row longer than `max_length` (default: the model's max_position_embeddings) keeps its end: tokens
 are cut from the left (after a leading BOS the tokenizer adds, which is kept). Such rows are counted in a logged
 warning and flagged in `ScoreDetails.truncated`.
@@ -37,9 +42,10 @@ from dataclasses import dataclass
 import torch
 
 from rmtorch.config import scoring_defaults
+from rmtorch.engines import ENGINES, TorchEngine, VllmEngine, check_vllm_model
 from rmtorch.formatting import bos_to_keep, chat_text, common_prefix_length, keep_last, prompt_ids, tokenize_response
-from rmtorch.loading import load_reward_model
-from rmtorch.model import RewardModel, compute_rewards, lock_of, model_max_length
+from rmtorch.loading import load_reward_model, resolve_pad_token
+from rmtorch.model import RewardModel, lock_of
 from rmtorch.pairs import check_messages
 from rmtorch.thinking import SplitCompletions, resolve_think_tokens, split_rows
 
@@ -63,6 +69,11 @@ class RewardScorer:
     The model runs in eval mode for each call and gets its previous mode back; its attention implementation,
     config and tokenizer are not changed. Safe to share between threads: one thread at a time uses the tokenizer, and
     one the model (through any of its scorers); every call gets the rewards it gets alone.
+
+    engine: "torch" (`model` is the loaded model, scored by `compute_rewards`) or "vllm" (`model` is the model
+    directory, which vLLM loads: see `rmtorch.engines.VllmEngine`; packing, padding_side and the forward's size are
+    then vLLM's, and autocast_dtype bf16 runs vLLM in bfloat16, else float32). engine_options go to the engine
+    (for vllm: `vllm.LLM`'s, e.g. tensor_parallel_size).
     """
 
     def __init__(
@@ -78,25 +89,45 @@ class RewardScorer:
         think_start_token: str | int | None = "<think>",
         think_end_token: str | int | None = "</think>",
         dropped_text: str = "flag",
+        engine: str = "torch",
+        engine_options: dict | None = None,
     ):
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be {' or '.join(map(repr, ENGINES))}, got {engine!r}.")
         if dropped_text not in ("flag", "error"):
             raise ValueError(f"dropped_text must be 'flag' or 'error', got {dropped_text!r}.")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
         if max_tokens_per_batch < 1:
             raise ValueError(f"max_tokens_per_batch must be a positive number of tokens, got {max_tokens_per_batch}.")
-        self.model = model
-        self.reward_model = RewardModel(model)
         self.tokenizer = tokenizer
-        self.max_length = model_max_length(model, max_length)
+        self.max_tokens_per_batch = max_tokens_per_batch  # also the server's budget of tokens per engine call
+        if engine == "torch" and engine_options:
+            raise ValueError(f"engine_options {sorted(engine_options)} are for engine 'vllm' (vllm.LLM's options).")
+        if engine == "torch":
+            self.model, self.reward_model, self.config = model, RewardModel(model), model.config
+            self.vocab_size = model.get_input_embeddings().num_embeddings
+            # The pad id only fills masked positions (pooling and positions follow the mask), so any valid id works.
+            pad_token_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+            self.engine = TorchEngine(
+                self.reward_model, pad_token_id, packing, max_tokens_per_batch, padding_side, autocast_dtype
+            )
+        else:
+            from transformers import AutoConfig
+
+            options = dict(engine_options or {})
+            check_vllm_model(model)  # before vLLM starts: a LoRA adapter gets its fix
+            self.model = self.reward_model = None  # vLLM holds the model, in its own process
+            self.config = AutoConfig.from_pretrained(model, trust_remote_code=options.get("trust_remote_code", False))
+            self.vocab_size = self.config.vocab_size
+            dtypes = {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+            self.engine = VllmEngine(model, dtype=dtypes[autocast_dtype], **options)
+        # None: the model's own limit (rmtorch.model.model_max_length's rule, on the config both engines have)
+        self.max_length = (
+            max_length if max_length is not None else getattr(self.config, "max_position_embeddings", None)
+        )
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 tokens, got {self.max_length}.")
-        self.max_tokens_per_batch = max_tokens_per_batch
-        self.packing = packing
-        self.padding_side = padding_side
-        self.autocast_dtype = autocast_dtype
-        # The pad id only fills masked positions (pooling and positions follow the mask), so any valid id works.
-        self.pad_token_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
         self.think = resolve_think_tokens(tokenizer, think_start_token, think_end_token)
         self.think_end_token = think_end_token
         self.bos_id = bos_to_keep(tokenizer)  # a cut from the left keeps it
@@ -112,6 +143,8 @@ class RewardScorer:
         max_length: int | None = None,
         max_tokens_per_batch: int = 16384,
         trust_remote_code: bool = False,
+        engine: str = "torch",
+        engine_options: dict | None = None,
         **kwargs,
     ) -> RewardScorer:
         """Load a trained reward model directory (or 'smollm2', a .gguf file) with its tokenizer.
@@ -121,14 +154,47 @@ class RewardScorer:
         512 by default), any other model in fp32 up to its own limit. `autocast_dtype=` (None: fp32) and
         `max_length=` override it. device defaults to CUDA when available, else CPU. Other keyword arguments go to
         `RewardScorer(...)`.
+
+        engine="vllm": vLLM loads the directory itself (a train.py run or merge_lora.py's output; a LoRA adapter is
+        refused with the merge command), in vLLM dtype bfloat16 where the rule says bf16, else float32; its devices
+        are vLLM's (`device` must stay None; engine_options={"tensor_parallel_size": N} spreads it over N GPUs).
         """
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be {' or '.join(map(repr, ENGINES))}, got {engine!r}.")
         defaults = scoring_defaults(str(path))
         if max_length is None:
             max_length = defaults["max_length"]
         kwargs.setdefault("autocast_dtype", torch.bfloat16 if defaults["bf16"] else None)
+        options = dict(max_length=max_length, max_tokens_per_batch=max_tokens_per_batch, engine=engine, **kwargs)
+        if engine == "vllm":
+            if device is not None:
+                raise ValueError(
+                    f"device={device!r} with engine vllm: vLLM places the model itself. Leave device unset and choose "
+                    "GPUs with CUDA_VISIBLE_DEVICES (and tensor_parallel_size in engine_options)."
+                )
+            from transformers import AutoTokenizer
+
+            check_vllm_model(path)  # before anything loads
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            resolve_pad_token(tokenizer)
+            engine_options = {"trust_remote_code": trust_remote_code, **(engine_options or {})}
+            return cls(str(path), tokenizer, engine_options=engine_options, **options)
         model, tokenizer = load_reward_model(path, dtype=dtype, trust_remote_code=trust_remote_code)
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(model.eval(), tokenizer, max_length=max_length, max_tokens_per_batch=max_tokens_per_batch, **kwargs)
+        return cls(model.eval(), tokenizer, engine_options=engine_options, **options)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The forward's precision: torch's autocast dtype (None: fp32), or what vLLM's dtype stands for."""
+        if isinstance(self.engine, TorchEngine):
+            return self.engine.autocast_dtype
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.engine.dtype)
+
+    @autocast_dtype.setter
+    def autocast_dtype(self, dtype: torch.dtype | None) -> None:
+        if not isinstance(self.engine, TorchEngine):
+            raise ValueError("vLLM's dtype is set when its engine starts: build the scorer with that autocast_dtype.")
+        self.engine.autocast_dtype = dtype
 
     @property
     def precision(self) -> str:
@@ -198,14 +264,9 @@ class RewardScorer:
         """(N,) fp32 rewards of already formatted id lists, in input order (no truncation here).
 
         prompt_lengths: each row's prompt length; with packing, rows whose prompts are identical share one
-        prompt computation.
+        prompt computation. The engine (`rmtorch.engines`) computes them.
         """
-        with lock_of(self.model):  # the forward switches the model's attention and mode: one thread at a time
-            return compute_rewards(
-                self.reward_model, sequences, prompt_lengths, pad_token_id=self.pad_token_id, packing=self.packing,
-                max_tokens_per_batch=self.max_tokens_per_batch, padding_side=self.padding_side,
-                autocast_dtype=self.autocast_dtype,
-            )  # fmt: skip
+        return self.engine.score(sequences, prompt_lengths)
 
     def score_tokens(
         self, sequences: list[list[int]], prompt_lengths: list[int] | None = None, *, part: str = "full"

@@ -1,6 +1,7 @@
 """python -m rmtorch.serve: serve a reward model over HTTP (see rmtorch.serve and docs/serve.md).
 
     python -m rmtorch.serve --model outputs/reward_model --port 8000 --max_tokens_per_batch 16384
+    python -m rmtorch.serve --model outputs/reward_model --engine vllm     # vLLM computes the rewards
     python -m rmtorch.serve --help
 
 SIGTERM (or Ctrl-C) stops taking connections, answers the requests in flight, then exits.
@@ -37,14 +38,18 @@ def load_config(argv: list[str] | None) -> ServeConfig:
 
 
 def build_scorer(cfg: ServeConfig) -> RewardScorer:
-    """The scorer behind the endpoints, loaded and set up as `cfg` says (threads, device, precision, lengths)."""
+    """The scorer behind the endpoints, loaded and set up as `cfg` says (threads, device, precision, lengths,
+    engine). With the vllm engine, vLLM places the model and batches a call's rows itself."""
+    options = dict(
+        max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
+        trust_remote_code=cfg.trust_remote_code, autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+        engine=cfg.engine,
+    )  # fmt: skip
+    if cfg.engine == "vllm":
+        return RewardScorer.from_pretrained(cfg.model, device=cfg.device, **options)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     set_cpu_threads(cfg.cpu_threads, device)
-    return RewardScorer.from_pretrained(
-        cfg.model, device=device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
-        packing=cfg.packing, trust_remote_code=cfg.trust_remote_code,
-        autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
-    )  # fmt: skip
+    return RewardScorer.from_pretrained(cfg.model, device=device, packing=cfg.packing, **options)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning(warning)
     scorer = build_scorer(cfg)
     logger.info(
-        "scoring %s in %s, max_length %s (from %s)",
-        cfg.model, scorer.precision, scorer.max_length, scoring_source(cfg.model),
+        "scoring %s with the %s engine in %s, max_length %s (from %s)",
+        cfg.model, scorer.engine.name, scorer.precision, scorer.max_length, scoring_source(cfg.model),
     )  # fmt: skip
     # timeout_graceful_shutdown=None: on SIGTERM the requests in flight are answered, however long they take.
     uvicorn.run(build_app(scorer, cfg, normalizer), host=cfg.host, port=cfg.port, timeout_graceful_shutdown=None)

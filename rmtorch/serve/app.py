@@ -445,7 +445,7 @@ def _score_request_split(scorer: RewardScorer, body: ScoreRequest) -> SplitCompl
     if body.input_ids is None:
         prompts = body.prompts if body.prompts is not None else [None] * len(body.completions)
         return scorer.split(prompts, body.completions)
-    vocab_size = scorer.model.get_input_embeddings().num_embeddings
+    vocab_size = scorer.vocab_size
     for row, ids in enumerate(body.input_ids):
         bad = next((i for i in ids if not 0 <= i < vocab_size), None)
         if bad is not None:
@@ -515,7 +515,7 @@ async def classify(body: ClassifyRequest, request: Request) -> JSONResponse:
         scored = await score_sequences(request, sequences, "input")
     rewards = serve.normalize(scored.rewards)
     activation = next((a for a in (body.use_activation, body.activation) if a is not None), True)
-    label = serve.scorer.model.config.id2label.get(0, "LABEL_0")
+    label = serve.scorer.config.id2label.get(0, "LABEL_0")
     tokens = sum(scored.num_tokens)
     return JSONResponse(
         {
@@ -546,6 +546,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({
         "status": "ok" if alive else "model worker stopped",
         "model": serve.cfg.model,
+        "engine": serve.scorer.engine.name,
         "precision": serve.scorer.precision,
         "max_length": serve.scorer.max_length,
         "normalized": serve.normalizer is not None,

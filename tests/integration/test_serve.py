@@ -195,8 +195,8 @@ def assert_rewards(rewards, expected_ids: list[list[int]], model) -> None:
 def test_health_names_the_model_and_needs_nothing(server):
     answer = httpx.get(server.url + "/health").json()
     assert answer == {
-        "status": "ok", "model": "tiny-llama", "precision": "fp32", "max_length": 512, "normalized": False,
-        "queue_tokens": 0,
+        "status": "ok", "model": "tiny-llama", "engine": "torch", "precision": "fp32", "max_length": 512,
+        "normalized": False, "queue_tokens": 0,
     }  # fmt: skip
 
 

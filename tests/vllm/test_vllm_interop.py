@@ -19,7 +19,7 @@ import torch
 from bench.vllm_engine import SERVED_NAME, VllmServer, unavailable
 from rmtorch.formatting import chat_text, tokenize_response
 from rmtorch.score import RewardScorer
-from tests.conftest import read_jsonl, run_script, shared_path, tiny_config, train_argv, train_in_process, write_jsonl
+from tests.vllm.conftest import SCORED, conversation
 
 pytestmark = [
     pytest.mark.vllm,
@@ -27,59 +27,7 @@ pytestmark = [
     pytest.mark.skipif(unavailable() is not None, reason=f"plain vLLM is not installed: {unavailable()}"),
 ]
 
-DATA = ("data", "r1_gsm8k", "r1_distill_qwen32b_gsm8k_labeled.jsonl")
-SCORED = 8  # the first GSM8K rows are scored; the training pairs come from the rows after them
 TIMEOUT = httpx.Timeout(120)
-
-
-def conversation(row: dict) -> tuple[list[dict], list[dict]]:
-    """(prompt, completion) as TRL's GRPO passes them: the question as a user turn, the answer as the reply."""
-    return [{"role": "user", "content": row["question"]}], [{"role": "assistant", "content": row["answer"]}]
-
-
-def save_base_model(directory, tokenizer):
-    """A random 2-layer Llama reward model with head_dim 64: vLLM's CPU attention runs head sizes 32, 64, 80, ...,
-    and with conftest's tiny Llama (head_dim 8) its server starts, then fails its first request."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    shape = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1)
-    config = LlamaConfig(
-        **{**tiny_config(len(tokenizer), tokenizer.pad_token_id), **shape, "max_position_embeddings": 2048},
-        num_labels=1,
-    )
-    torch.manual_seed(0)
-    model = LlamaForSequenceClassification(config)
-    torch.nn.init.normal_(model.score.weight, std=1.0)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def gsm8k_rows() -> list[dict]:
-    return read_jsonl(shared_path(*DATA))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, smol_tokenizer, gsm8k_rows) -> dict:
-    """{name: (the directory rmtorch scores, the directory vLLM serves)}: a full fine-tune (the same directory), and
-    a LoRA run (its adapter, and the plain model merge_lora.py writes from it)."""
-    from accelerate.state import AcceleratorState
-
-    root = tmp_path_factory.mktemp("vllm_runs")
-    base = save_base_model(root / "base", smol_tokenizer)
-    pairs = []
-    for row, other in zip(gsm8k_rows[SCORED : SCORED + 8], gsm8k_rows[SCORED + 1 :]):
-        prompt, chosen = conversation(row)
-        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": conversation(other)[1]})  # another's answer
-    data = write_jsonl(root / "pairs.jsonl", pairs)
-    # A large learning rate, so that the trained weights are far from the base's (a served base would show).
-    options = ("--max_length", "1024", "--lr", "1e-3")
-    for name, extra in {"full": (), "lora": ("--lora", "--lora_r", "4")}.items():
-        train_in_process(train_argv(base, data, root / name, *options, *extra))
-        AcceleratorState._reset_state(reset_partial_state=True)  # each run builds its own Accelerator
-    run_script("merge_lora.py", ["--model", str(root / "lora"), "--output_dir", str(root / "lora_merged")])
-    return {"full": (root / "full", root / "full"), "lora": (root / "lora", root / "lora_merged")}
 
 
 @pytest.fixture(scope="module", params=["full", "lora"])

@@ -41,15 +41,39 @@ from rmtorch.checkpoint import (
 )
 from rmtorch.cli import run, set_cpu_threads
 from rmtorch.config import TrainConfig, parse_config, to_yaml, tracker_names
-from rmtorch.files import Rows, read_rows, write_json, write_text
+from rmtorch.files import PairDataError, Rows, read_rows, write_json, write_text
+from rmtorch.group_loss import ranking_loss
+from rmtorch.group_metrics import group_report
+from rmtorch.groups import (
+    GroupCollator,
+    GroupReport,
+    GroupSet,
+    check_ties,
+    is_group_data,
+    score_groups,
+    shared_groups,
+    tokenize_groups,
+)
 from rmtorch.loading import load_reward_model, quantization_config_4bit, resolve_model_path
 from rmtorch.lora import apply_lora, merge_adapter, save_adapter
-from rmtorch.loss import pairwise_loss
+from rmtorch.loss import length_penalty, pairwise_loss
 from rmtorch.metrics import StepMetrics, pair_report, report_scalars
 from rmtorch.model import RewardModel, compile_elementwise, disable_dropout, enable_gradient_checkpointing, score_pairs
 from rmtorch.outputs import check_new_run, check_resume, check_writable, fingerprint, read_marker, write_marker
 from rmtorch.pairs import TokenizeReport, shared_pairs, tokenize_pairs
 from rmtorch.report import plot_training_curves, write_report
+from rmtorch.steps import (
+    StepCollator,
+    StepReport,
+    StepSet,
+    compute_step_rewards,
+    step_correct,
+    step_loss,
+    step_model_inputs,
+    step_report,
+    tokenize_steps,
+    write_step_report,
+)
 
 MAX_NONFINITE_STEPS_IN_A_ROW = 5
 DEEPSPEED_DEPRECATION = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
@@ -116,15 +140,21 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple:
             eval_rows = read_rows(cfg.eval_file, cfg.on_bad_row)
         else:
             train_rows, eval_rows = train_rows.split(cfg.eval_fraction, cfg.seed)
+    if cfg.objective == "steps":  # a process reward model: step-labelled rows (their `completions` are not groups)
+        return build_step_data(cfg, tokenizer, train_rows, eval_rows)
+    if is_group_data(train_rows) or is_group_data(eval_rows):
+        return build_group_data(cfg, tokenizer, train_rows, eval_rows)
     options = dict(
         max_length=cfg.max_length,
         truncation=cfg.truncation,
         on_bad_row=cfg.on_bad_row,
         margin_column=cfg.margin_column,
     )
-    train_set = tokenize_pairs(train_rows, tokenizer, **options)
+    ties = ["tie"] if "tie" in train_rows.column_names else []  # pairs labelled as ties (--tie_nu)
+    train_set = tokenize_pairs(train_rows, tokenizer, **options, keep_columns=ties)
     categories = [cfg.category_column] if cfg.category_column in eval_rows.column_names else []
     eval_set = tokenize_pairs(eval_rows, tokenizer, **options, keep_columns=categories)
+    check_ties(train_set, cfg.tie_nu)
     report = {
         "train": train_set.report.to_dict(),
         "eval": {**eval_set.report.to_dict(), "also_in_train": shared_pairs(train_set, eval_set)},
@@ -132,10 +162,64 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple:
     return train_set, eval_set, report
 
 
+def build_group_data(cfg: TrainConfig, tokenizer, train_rows: Rows, eval_rows: Rows) -> tuple:
+    """(train groups, eval groups, data report) of group data (responses with ranks or scores)."""
+    if not (is_group_data(train_rows) and is_group_data(eval_rows)):
+        raise PairDataError(
+            f"{train_rows.source} and {eval_rows.source}: one holds groups, the other pairs; give both as groups."
+        )
+    if cfg.loss == "pairwise":
+        raise ValueError(
+            f"{train_rows.source} holds groups of responses: train them with --loss all_pairs or listwise."
+        )
+    if not cfg.packing or cfg.length_penalty:
+        raise ValueError(
+            "groups train on packed rows only, without --length_penalty: set --packing true, --length_penalty 0."
+        )
+    options = dict(max_length=cfg.max_length, truncation=cfg.truncation, on_bad_row=cfg.on_bad_row)
+    train_set = tokenize_groups(train_rows, tokenizer, **options, allow_ties=cfg.tie_nu is not None)
+    categories = [cfg.category_column] if cfg.category_column in eval_rows.column_names else []
+    eval_set = tokenize_groups(
+        eval_rows, tokenizer, **options, allow_ties=cfg.tie_nu is not None, keep_columns=categories
+    )
+    report = {
+        "train": train_set.report.to_dict(),
+        "eval": {**eval_set.report.to_dict(), "also_in_train": shared_groups(train_set, eval_set)},
+    }
+    return train_set, eval_set, report
+
+
+def build_step_data(cfg: TrainConfig, tokenizer, train_rows: Rows, eval_rows: Rows) -> tuple:
+    """(train steps, eval steps, data report) of step-labelled rows (prompt, completions, labels)."""
+    options = dict(separator=cfg.step_separator, max_length=cfg.max_length, on_bad_row=cfg.on_bad_row)
+    train_set = tokenize_steps(train_rows, tokenizer, **options, last_step_only=cfg.train_on_last_step_only)
+    eval_set = tokenize_steps(eval_rows, tokenizer, **options)
+    if train_set.label_kind != eval_set.label_kind:
+        raise PairDataError(
+            f"{train_rows.source} has {train_set.label_kind} step labels but {eval_rows.source} "
+            f"{eval_set.label_kind}; give both true/false labels or both numbers."
+        )
+    seen = {tuple(ids) for ids in train_set["ids"]}
+    report = {
+        "train": train_set.report.to_dict(),
+        "eval": {**eval_set.report.to_dict(), "also_in_train": sum(tuple(ids) in seen for ids in eval_set["ids"])},
+    }
+    return train_set, eval_set, report
+
+
 def build_train_loader(cfg: TrainConfig, train_set, tokenizer) -> DataLoader:
     """Batches of pairs: packed rows ([prompt, chosen, rejected], no padding) or TRL's padded batches; the order
     depends only on (seed, epoch), so a resumed run sees the same batches."""
-    collate = PackedPairCollator() if cfg.packing else PairCollator(pad_token_id=tokenizer.pad_token_id)
+    lengths = cfg.length_penalty > 0  # each response's tokens, for the penalty
+    collate = (
+        PackedPairCollator(response_lengths=lengths)
+        if cfg.packing
+        else PairCollator(pad_token_id=tokenizer.pad_token_id, response_lengths=lengths)
+    )
+    if isinstance(train_set, GroupSet):  # a group is one packed piece [prompt, response 1, response 2, ...]
+        collate = GroupCollator()
+    if isinstance(train_set, StepSet):  # rows packed (or padded) whole; the loss reads each step's separator
+        collate = StepCollator(cfg.packing, tokenizer.pad_token_id, train_set.label_kind)
     sampler = EpochSampler(len(train_set), seed=cfg.seed, shuffle=cfg.shuffle)
     if cfg.group_by_length:
         batches = LengthGroupedBatchSampler(sampler, train_set.lengths(), cfg.batch_size)
@@ -182,16 +266,34 @@ def train_step(
     reward_model, micro_batches, window: int, optimizer, accelerator: Accelerator, cfg: TrainConfig
 ) -> dict:
     """One optimizer step: for each of its `window` micro-batches chosen and rejected in one forward, the pairwise
-    loss and backward; then clipping, and the update unless a loss or gradient is non-finite (DeepSpeed's engine has
-    applied it inside backward already). Returns the step's metrics, read to the host once."""
+    loss (plus the length penalty with --length_penalty) and backward; then clipping, and the update unless a loss or
+    gradient is non-finite (DeepSpeed's engine has applied it inside backward already). Returns the step's metrics,
+    read to the host once."""
     stats = StepMetrics(accelerator.device)
     # Under bf16 the step's micro-batches share one autocast region, whose cache casts each weight to bf16 once.
     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for batch in micro_batches:
             with accelerator.accumulate(reward_model):
+                if cfg.objective == "steps":  # a process reward model: one logit per step, read at its separator
+                    step_rewards = reward_model(**step_model_inputs(batch))  # (K,) steps of the micro-batch
+                    kind, labels, trained = batch["label_kind"], batch["step_labels"], batch["step_trained"]
+                    loss = step_loss(step_rewards, labels, trained, kind)
+                    accelerator.backward(loss * (cfg.grad_accum / window))
+                    # Steps count as pairs in the step's numbers: "accuracy" is step accuracy, "margin" the mean
+                    # signed reward (positive on the right side).
+                    signed = torch.where(step_correct(step_rewards, labels, kind), 1.0, -1.0) * step_rewards.abs()
+                    stats.add(loss.detach(), signed.detach(), torch.zeros_like(signed), batch["attention_mask"].sum())
+                    continue
                 rewards = reward_model(**model_inputs(batch))  # (2B,): chosen then rejected
-                chosen, rejected = rewards.chunk(2)
-                loss = pairwise_loss(chosen, rejected, batch.get("margin"), cfg.center_rewards_coefficient)
+                if cfg.loss == "pairwise" and cfg.tie_nu is None:  # TRL's loss
+                    chosen, rejected = rewards.chunk(2)
+                    loss = pairwise_loss(chosen, rejected, batch.get("margin"), cfg.center_rewards_coefficient)
+                else:  # group losses, ties: chosen and rejected are then every ordered pair's rewards
+                    loss, chosen, rejected = ranking_loss(
+                        rewards, batch, cfg.loss, cfg.group_margin, cfg.tie_nu, cfg.center_rewards_coefficient
+                    )
+                if cfg.length_penalty:  # off by default, leaving TRL's loss bit for bit
+                    loss = loss + length_penalty(rewards, batch["response_lengths"], cfg.length_penalty)
                 # Accelerate divides by grad_accum; a short last step of an epoch takes the mean of its own (TRL).
                 accelerator.backward(loss * (cfg.grad_accum / window))
                 stats.add(loss.detach(), chosen.detach(), rejected.detach(), batch["attention_mask"].sum())
@@ -206,7 +308,20 @@ def train_step(
 
 
 def evaluate(reward_model, eval_set, tokenizer, cfg: TrainConfig, accelerator: Accelerator) -> tuple[dict, list[dict]]:
-    """(report, per-pair scores) of the eval set: the scoring path and report evaluate.py uses."""
+    """(report, per-pair scores) of the eval set: the scoring path and report evaluate.py uses (for groups, the
+    report over every ordered pair and a rank correlation per group)."""
+    if isinstance(eval_set, StepSet):
+        step_rewards = compute_step_rewards(
+            reward_model, eval_set["ids"], eval_set["step_ends"], pad_token_id=tokenizer.pad_token_id,
+            packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch,
+        )  # fmt: skip
+        return step_report(eval_set, step_rewards)
+    if isinstance(eval_set, GroupSet):
+        rewards = score_groups(
+            reward_model, eval_set, pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
+            max_tokens_per_batch=cfg.max_tokens_per_batch, accelerator=accelerator,
+        )  # fmt: skip
+        return group_report(eval_set, rewards, cfg.category_column)
     chosen, rejected = score_pairs(
         reward_model, eval_set, pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
         max_tokens_per_batch=cfg.max_tokens_per_batch, accelerator=accelerator,
@@ -397,8 +512,8 @@ class RunLog:
             {"step": step, **{f"eval_{k}": v for k, v in scalars.items()}},
             {f"eval/{k}": v for k, v in scalars.items()},
         )
-        shown = ("accuracy", "margin", "loss", "ece")
-        self._print(f"eval at step {step}: " + "  ".join(f"{k} {scalars[k]:.4f}" for k in shown))
+        shown = ("accuracy", "margin", "loss", "ece", "step_accuracy", "first_error_accuracy")
+        self._print(f"eval at step {step}: " + "  ".join(f"{k} {scalars[k]:.4f}" for k in shown if k in scalars))
 
     def _print(self, line: str) -> None:
         if self.accelerator.is_main_process:  # tqdm.write prints even for a disabled bar: once, not once a process
@@ -414,8 +529,18 @@ class RunLog:
         if self.accelerator.is_main_process:
             self.metrics_file.close()
             write_json(self.output_dir / "eval_results.json", results)
-            write_report(report, scores, self.output_dir / "report")
+            if "num_steps" in report:  # a process reward model's report: step metrics, step rewards per row
+                write_step_report(report, scores, self.output_dir / "report")
+            else:
+                write_report(report, scores, self.output_dir / "report")
             self.curves()
+        if "num_steps" in report:
+            self.accelerator.print(
+                f"done in {results['train_wall_s']:.0f}s: held-out step accuracy {results['step_accuracy']:.3f} "
+                f"(majority label {results['majority_baseline']:.3f}), loss {results['loss']:.4f} on "
+                f"{results['num_steps']} steps of {results['num_rows']} rows; model in {self.output_dir}"
+            )
+            return
         self.accelerator.print(
             f"done in {results['train_wall_s']:.0f}s: held-out accuracy {results['accuracy']:.3f}, loss "
             f"{results['loss']:.4f} on {results['num_pairs']} pairs; model in {self.output_dir}, report in "
@@ -425,7 +550,8 @@ class RunLog:
 
 def report_summary(report: dict) -> str:
     """A data report (TokenizeReport.to_dict(), plus counts of its own) in TokenizeReport's words."""
-    return TokenizeReport(**{k: v for k, v in report.items() if k in TokenizeReport.__dataclass_fields__}).summary()
+    kind = GroupReport if "groups_out" in report else StepReport if "rows_out" in report else TokenizeReport
+    return kind(**{k: v for k, v in report.items() if k in kind.__dataclass_fields__}).summary()
 
 
 def save_model(accelerator: Accelerator, reward_model, tokenizer, cfg: TrainConfig) -> None:

@@ -159,6 +159,48 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
     center_rewards_coefficient: float = option(
         0.0, "Weight c of the centering term c * mean((r_c + r_r)^2); 0.01 is the paper's value.", check=">=0"
     )
+    length_penalty: float = option(
+        0.0,
+        "Weight C of the length penalty C * cov(r, len)^2 / var(len) over each micro-batch's responses (len: tokens "
+        "of the response alone): the reward variance that length explains, which RL would exploit. 0: off.",
+        check=">=0",
+    )
+    loss: str = option(
+        "pairwise",
+        "Training loss: 'pairwise' (Bradley-Terry on each pair, as TRL), 'all_pairs' (Bradley-Terry over every "
+        "ordered pair of a group, mean per group) or 'listwise' (Plackett-Luce likelihood of a group's ranking). "
+        "Group data (responses with ranks or scores) needs all_pairs or listwise; on pairs all three give the same "
+        "loss.",
+        choices=("pairwise", "all_pairs", "listwise"),
+    )
+    group_margin: float = option(
+        0.0,
+        "Groups: margin m_ij = group_margin * (s_i - s_j) from the labels' score difference (ranks count as negated "
+        "scores) in the all_pairs and listwise losses. 0: no margin.",
+        check=">=0",
+    )
+    tie_nu: float | None = option(
+        None,
+        "Train on ties with Davidson's model, tie weight nu (fixed): P(tie) = nu sqrt(e^ri e^rj) / (e^ri + e^rj + nu "
+        "sqrt(e^ri e^rj)). Ties are pairs with tie: true and equal labels in a group. none: no tie model (tied pairs "
+        "are refused, equal labels in a group form no pair).",
+        check=">0",
+    )
+    objective: str = option(
+        "pairwise",
+        "What is trained: 'pairwise' (a reward per response, from preference pairs or groups) or 'steps' (a process "
+        "reward model: a reward per reasoning step, from rows with prompt, completions (the steps) and labels (one "
+        "per step), read at each step's separator; TRL's former PRMTrainer's data and loss).",
+        choices=("pairwise", "steps"),
+    )
+    step_separator: str = option(
+        "\n",
+        "--objective steps: the text after each step (its last token carries the step's label and reward); a "
+        "completion given as one string is split at it. TRL's default '\\n'; in a shell, $'\\n\\n' for a blank line.",
+    )
+    train_on_last_step_only: bool = option(
+        False, "--objective steps: the loss reads only each row's last step (evaluation still reads every step)."
+    )
     seed: int = option(42, "Seed for the score head, data order and dropout.")
     shuffle: bool = option(True, "Shuffle training pairs each epoch (False: file order, as TRL's sequential sampler).")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (non-reentrant) to save memory.")
@@ -226,6 +268,22 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
                 "load_in_4bit needs lora: 4-bit weights cannot be fully fine-tuned. Add --lora to train adapters on "
                 "the 4-bit body (QLoRA)."
             )
+        if self.tie_nu is not None and self.loss == "listwise":
+            raise ValueError(
+                "--tie_nu needs --loss pairwise or all_pairs: listwise (Plackett-Luce) has no tie outcome and skips "
+                "comparisons between tied responses."
+            )
+        if self.group_margin and self.loss == "pairwise":
+            raise ValueError(
+                "--group_margin applies to groups: add --loss all_pairs or listwise (pairs use --margin_column)."
+            )
+        if self.objective == "steps" and (self.loss != "pairwise" or self.tie_nu is not None or self.length_penalty):
+            raise ValueError(
+                "--objective steps trains one loss on step labels: leave --loss pairwise, --tie_nu none and "
+                "--length_penalty 0."
+            )
+        if not self.step_separator:
+            raise ValueError("--step_separator is empty: give the text that ends each step, e.g. '\\n'.")
         if self.merge_lora and not self.lora:
             raise ValueError("merge_lora needs lora: without --lora, output_dir already holds a plain model.")
         if not self.lora_target.strip(" ,"):
@@ -260,6 +318,17 @@ class ScoringOptions(Options):
 
 
 @dataclass
+class EngineOptions(Options):
+    engine: str = option(
+        "torch",
+        "What computes the rewards: 'torch' (rmtorch's forward, one process on a CPU or one GPU, each reward equal to "
+        "its row scored alone) or 'vllm' (vLLM's pooling engine on the model directory: several GPUs, its CUDA "
+        "kernels; needs vLLM installed, a plain or merged model, and --device unset). Formatting is the same.",
+        choices=("torch", "vllm"),
+    )
+
+
+@dataclass
 class EvalConfig(ScoringOptions, BatchOptions, DataOptions, ModelOptions):
     model: str | None = option(
         None,
@@ -285,7 +354,7 @@ class EvalConfig(ScoringOptions, BatchOptions, DataOptions, ModelOptions):
 
 
 @dataclass
-class ScoreConfig(ScoringOptions, BatchOptions, LengthOptions, ModelOptions):
+class ScoreConfig(EngineOptions, ScoringOptions, BatchOptions, LengthOptions, ModelOptions):
     model: str | None = option(
         None,
         "Trained reward model directory (train.py's output_dir, a LoRA adapter directory), a .gguf file, or "
@@ -340,6 +409,8 @@ def _parse_value(text: str, default):
     """Parse a CLI string with YAML rules, so `--max_steps none`, `--lr 2e-5`, `--bf16 false` all work."""
     if text.strip().lower() in ("none", "null", "~"):
         return None
+    if isinstance(default, str) and not text.strip():  # whitespace is a value (a step separator), not YAML's null
+        return text
     return yaml.safe_load(text)
 
 
@@ -465,7 +536,7 @@ def scoring_source(model: str | None) -> str:
 
 
 @dataclass
-class ServeConfig(ScoringOptions, BatchOptions, LengthOptions, ModelOptions):
+class ServeConfig(EngineOptions, ScoringOptions, BatchOptions, LengthOptions, ModelOptions):
     host: str = option(
         "127.0.0.1",
         "Address to bind. 127.0.0.1 serves this machine only; binding another address without --api_key logs a "

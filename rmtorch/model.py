@@ -108,6 +108,8 @@ class RewardModel(nn.Module):
     Pools at the last attended token of each row of a padded batch. A packed row (rmtorch.batching) passes
     `last_index`, the position of each sequence's last token, with `position_ids` and `attention_blocks`; its
     forward runs with block attention (rmtorch.attention), and the model keeps its own attention otherwise.
+    `step_index` reads the head at given positions instead, one reward per step (rmtorch.steps): (K,) positions in a
+    packed row or (K, 2) (row, position) pairs of a padded batch.
     """
 
     def __init__(self, model: nn.Module):
@@ -120,6 +122,7 @@ class RewardModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         last_index: torch.Tensor | None = None,
         attention_blocks: tuple | None = None,
+        step_index: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
         body = backbone(self.model)
@@ -131,6 +134,10 @@ class RewardModel(nn.Module):
         # Score every position, then pick: the head costs H flops a token, and this keeps the arithmetic
         # identical to transformers' own forward (gradients match TRL bit for bit).
         per_token = score_head(self.model)(hidden.last_hidden_state).squeeze(-1)  # (N, T)
+        if step_index is not None:  # a process reward model: the head read at each step's end (rmtorch.steps)
+            if step_index.dim() == 1:  # positions in one packed row
+                return per_token[0, step_index].float()
+            return per_token[step_index[:, 0], step_index[:, 1]].float()  # (row, position) pairs of a padded batch
         if last_index is not None:  # one packed row: sequence i ends at last_index[i]
             return per_token[0, last_index].float()
         rows = torch.arange(per_token.shape[0], device=per_token.device)

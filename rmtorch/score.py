@@ -323,6 +323,15 @@ class RewardScorer:
         details = self.score_split(self.split(prompts, completions), part)
         return details if return_details else details.rewards
 
+    def score_steps(self, prompts, completions, *, separator: str = "\n", aggregation: str = "min"):
+        """A process reward model's rewards: `rmtorch.steps.StepScores` with each row's step rewards (the head at
+        each step's separator, found by its token ids, all in one forward) and a row reward by `aggregation` (min,
+        last, mean, or product of the steps' sigmoid probabilities). completions: each a list of step strings, or one
+        string whose steps `separator` ends (text rows, formatted as train.py --objective steps formats them)."""
+        from rmtorch.steps import score_steps
+
+        return score_steps(self, prompts, completions, separator, aggregation)
+
     def as_reward_func(self, name: str = "reward_model", *, part: str = "full", transform=None):
         """A TRL `reward_funcs` entry: `f(prompts, completions, **kwargs) -> list[float]` named `name`.
 

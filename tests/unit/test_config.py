@@ -101,3 +101,10 @@ def test_evaluation_defaults_to_the_options_a_run_trained_with(tmp_path):
 def test_required_options_are_named():
     with pytest.raises(SystemExit, match=r"error: --data is required: Pairs to evaluate"):
         parse_config(["--model", "m"], EvalConfig)
+
+
+def test_length_penalty_is_off_by_default_and_never_negative():
+    assert TrainConfig().length_penalty == 0.0
+    assert parse_config(["--length_penalty", "0.5"]).length_penalty == 0.5
+    with pytest.raises(SystemExit, match=r"--length_penalty must be >= 0, got -0.1"):
+        parse_config(["--length_penalty", "-0.1"])

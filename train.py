@@ -262,38 +262,42 @@ def optimizer_steps(train_loader, state: dict, cfg: TrainConfig, accelerator: Ac
         state["epoch"], state["batches_done_in_epoch"] = state["epoch"] + 1, 0
 
 
+def batch_loss(reward_model, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
+    """A micro-batch's loss and the (chosen, rejected) rewards the step's numbers count. Pairs: chosen and rejected in
+    one forward, TRL's pairwise loss (or a group or tie loss over every ordered pair), plus the length penalty when
+    asked. Steps (a process reward model): one logit per step read at its separator; "accuracy" is then step
+    accuracy and "margin" the mean signed reward."""
+    if cfg.objective == "steps":
+        step_rewards = reward_model(**step_model_inputs(batch))  # (K,) steps of the micro-batch
+        kind, labels = batch["label_kind"], batch["step_labels"]
+        loss = step_loss(step_rewards, labels, batch["step_trained"], kind)
+        signed = torch.where(step_correct(step_rewards, labels, kind), 1.0, -1.0) * step_rewards.abs()
+        return loss, signed, torch.zeros_like(signed)
+    rewards = reward_model(**model_inputs(batch))  # (2B,): chosen then rejected (groups: every response)
+    if cfg.loss == "pairwise" and cfg.tie_nu is None:  # TRL's loss
+        chosen, rejected = rewards.chunk(2)
+        loss = pairwise_loss(chosen, rejected, batch.get("margin"), cfg.center_rewards_coefficient)
+    else:
+        loss, chosen, rejected = ranking_loss(
+            rewards, batch, cfg.loss, cfg.group_margin, cfg.tie_nu, cfg.center_rewards_coefficient
+        )
+    if cfg.length_penalty:  # off by default, leaving TRL's loss bit for bit
+        loss = loss + length_penalty(rewards, batch["response_lengths"], cfg.length_penalty)
+    return loss, chosen, rejected
+
+
 def train_step(
     reward_model, micro_batches, window: int, optimizer, accelerator: Accelerator, cfg: TrainConfig
 ) -> dict:
-    """One optimizer step: for each of its `window` micro-batches chosen and rejected in one forward, the pairwise
-    loss (plus the length penalty with --length_penalty) and backward; then clipping, and the update unless a loss or
-    gradient is non-finite (DeepSpeed's engine has applied it inside backward already). Returns the step's metrics,
-    read to the host once."""
+    """One optimizer step: each of its `window` micro-batches forward, `batch_loss` and backward; then clipping, and
+    the update unless a loss or gradient is non-finite (DeepSpeed's engine has applied it inside backward already).
+    Returns the step's metrics, read to the host once."""
     stats = StepMetrics(accelerator.device)
     # Under bf16 the step's micro-batches share one autocast region, whose cache casts each weight to bf16 once.
     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for batch in micro_batches:
             with accelerator.accumulate(reward_model):
-                if cfg.objective == "steps":  # a process reward model: one logit per step, read at its separator
-                    step_rewards = reward_model(**step_model_inputs(batch))  # (K,) steps of the micro-batch
-                    kind, labels, trained = batch["label_kind"], batch["step_labels"], batch["step_trained"]
-                    loss = step_loss(step_rewards, labels, trained, kind)
-                    accelerator.backward(loss * (cfg.grad_accum / window))
-                    # Steps count as pairs in the step's numbers: "accuracy" is step accuracy, "margin" the mean
-                    # signed reward (positive on the right side).
-                    signed = torch.where(step_correct(step_rewards, labels, kind), 1.0, -1.0) * step_rewards.abs()
-                    stats.add(loss.detach(), signed.detach(), torch.zeros_like(signed), batch["attention_mask"].sum())
-                    continue
-                rewards = reward_model(**model_inputs(batch))  # (2B,): chosen then rejected
-                if cfg.loss == "pairwise" and cfg.tie_nu is None:  # TRL's loss
-                    chosen, rejected = rewards.chunk(2)
-                    loss = pairwise_loss(chosen, rejected, batch.get("margin"), cfg.center_rewards_coefficient)
-                else:  # group losses, ties: chosen and rejected are then every ordered pair's rewards
-                    loss, chosen, rejected = ranking_loss(
-                        rewards, batch, cfg.loss, cfg.group_margin, cfg.tie_nu, cfg.center_rewards_coefficient
-                    )
-                if cfg.length_penalty:  # off by default, leaving TRL's loss bit for bit
-                    loss = loss + length_penalty(rewards, batch["response_lengths"], cfg.length_penalty)
+                loss, chosen, rejected = batch_loss(reward_model, batch, cfg)
                 # Accelerate divides by grad_accum; a short last step of an epoch takes the mean of its own (TRL).
                 accelerator.backward(loss * (cfg.grad_accum / window))
                 stats.add(loss.detach(), chosen.detach(), rejected.detach(), batch["attention_mask"].sum())

@@ -24,6 +24,8 @@ from rmtorch.accelerator import launch_accelerator
 from rmtorch.cli import run, set_cpu_threads
 from rmtorch.config import EvalConfig, parse_config, scoring_source, trained_defaults
 from rmtorch.files import PairDataError, read_rows
+from rmtorch.group_metrics import group_report
+from rmtorch.groups import GroupSet, is_group_data, score_groups, tokenize_groups
 from rmtorch.loading import load_reward_model
 from rmtorch.metrics import format_report, pair_report
 from rmtorch.model import RewardModel, compute_rewards, model_max_length, score_pairs
@@ -60,23 +62,29 @@ def main(argv: list[str] | None = None) -> dict:
     set_cpu_threads(cfg.cpu_threads, accelerator.device)
     model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     max_length = model_max_length(model, cfg.max_length)
-    pairs = tokenize_pairs(
-        rows, tokenizer, max_length=max_length, truncation=cfg.truncation, on_bad_row=cfg.on_bad_row,
-        margin_column=cfg.margin_column, keep_columns=[category_column] if category_column else [],
-    )  # fmt: skip
+    options = dict(max_length=max_length, truncation=cfg.truncation, on_bad_row=cfg.on_bad_row)
+    keep = [category_column] if category_column else []
+    if is_group_data(rows):  # responses with ranks or scores: the report over every ordered pair, and Kendall's tau
+        pairs = tokenize_groups(rows, tokenizer, **options, allow_ties=True, keep_columns=keep)
+    else:
+        pairs = tokenize_pairs(rows, tokenizer, **options, margin_column=cfg.margin_column, keep_columns=keep)
     accelerator.print(f"data {cfg.data}: {pairs.report.summary()}")
     if trained:
         accelerator.print(
             f"options from {Path(cfg.model) / 'config.yaml'}: " + ", ".join(f"{k}={v}" for k, v in trained.items())
         )
     reward_model = accelerator.prepare(RewardModel(model))  # autocasts its forward under --bf16, as in training
-    chosen, rejected = score_pairs(
-        reward_model, pairs, pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
-        max_tokens_per_batch=cfg.max_tokens_per_batch, accelerator=accelerator, progress=True,
+    batching = dict(
+        pad_token_id=tokenizer.pad_token_id, packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch,
+        accelerator=accelerator, progress=True,
     )  # fmt: skip
-    report, scores = pair_report(
-        pairs, chosen, rejected, category_column, n_bins=cfg.n_bins, n_length_buckets=cfg.length_buckets
-    )
+    if isinstance(pairs, GroupSet):
+        report, scores = group_report(pairs, score_groups(reward_model, pairs, **batching), category_column)
+    else:
+        chosen, rejected = score_pairs(reward_model, pairs, **batching)
+        report, scores = pair_report(
+            pairs, chosen, rejected, category_column, n_bins=cfg.n_bins, n_length_buckets=cfg.length_buckets
+        )
     report["model"], report["data"] = str(cfg.model), {"path": str(cfg.data), **pairs.report.to_dict()}
     report["scoring"] = scoring_report(cfg, max_length)
     accelerator.print(format_report(report) + scoring_line(report))

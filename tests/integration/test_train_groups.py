@@ -92,3 +92,16 @@ def test_group_runs_refuse_what_they_cannot_do(tmp_path, tiny_model_dir, data, f
     with pytest.raises((ValueError, SystemExit), match=message):  # config checks exit, data checks raise
         run(tmp_path, "refused", tiny_model_dir, data["groups"], *flags)
     assert not (tmp_path / "refused" / "model.safetensors").exists()
+
+
+def test_evaluate_py_reports_a_group_file_as_training_does(tmp_path, tiny_model_dir, data):
+    import evaluate
+
+    results, _ = run(tmp_path, "groups", tiny_model_dir, data["groups"], "--loss", "listwise")
+    run_dir = tmp_path / "groups"
+    report = evaluate.main(["--model", str(run_dir), "--data", str(data["groups"]), "--report", str(tmp_path / "rep")])
+    assert report["num_groups"] == results["num_groups"] and report["num_pairs"] == results["num_pairs"]
+    assert report["kendall_tau"] == pytest.approx(results["kendall_tau"], abs=1e-6)
+    assert report["accuracy"] == pytest.approx(results["accuracy"], abs=1e-9)
+    lines = [json.loads(line) for line in (tmp_path / "rep" / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == report["num_pairs"] and {"better", "worse"} <= set(lines[0])

@@ -7,6 +7,11 @@ and category, with a report of files and plots.
 With --benchmark rewardbench (v1) or rewardbench2, --data is a local copy of that benchmark in its published
 schema, scored by the official rules (rmtorch.rewardbench) instead of the pair report.
 
+A process reward model (`train.py --objective steps`) is evaluated on step-labelled rows (prompt, completions,
+labels) with training's step report: step accuracy, first-error-step accuracy, the loss (rmtorch.steps). That
+happens with --objective steps, or when the run's config.yaml says objective: steps; its step_separator is the
+default --step_separator then.
+
 Shared options (max_length, truncation, packing, bf16, ...) have training's definitions; for a model train.py
 wrote they default to what it trained with (OUT/config.yaml), so evaluating a run on its own eval file reproduces
 its eval_results.json. Any other model is scored in fp32 up to its own length limit: the rule RewardScorer,
@@ -17,12 +22,12 @@ score.py and rmtorch.serve follow too (rmtorch.config.scoring_defaults). Runs on
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rmtorch.accelerator import launch_accelerator
 from rmtorch.cli import run, set_cpu_threads
-from rmtorch.config import EvalConfig, parse_config, scoring_source, trained_defaults
+from rmtorch.config import EvalConfig, option, parse_config, scoring_source, trained_defaults
 from rmtorch.files import PairDataError, read_rows
 from rmtorch.group_metrics import group_report
 from rmtorch.groups import GroupSet, is_group_data, score_groups, tokenize_groups
@@ -34,6 +39,15 @@ from rmtorch.pairs import tokenize_pairs
 from rmtorch.report import format_benchmark_table, write_benchmark_report, write_report
 from rmtorch.rewardbench import score_benchmark
 from rmtorch.rewardbench_data import read_prompts, tokenize_prompts
+from rmtorch.steps import (
+    DEFAULT_SEPARATOR,
+    compute_step_rewards,
+    format_step_report,
+    run_step_options,
+    step_report,
+    tokenize_steps,
+    write_step_report,
+)
 
 DESCRIPTION = (
     "Evaluate a reward model on preference pairs: accuracy, margin, ties, calibration, accuracy by length "
@@ -41,16 +55,39 @@ DESCRIPTION = (
 )
 
 
+@dataclass
+class EvaluateConfig(EvalConfig):
+    objective: str | None = option(
+        None,
+        "'steps': --data holds step-labelled rows (prompt, completions, labels) and gets the step report (step "
+        "accuracy, first-error-step accuracy), as train.py --objective steps evaluates; 'pairwise': the pair report. "
+        "none: what the run's config.yaml says, else pairwise.",
+        choices=("pairwise", "steps"),
+    )
+    step_separator: str | None = option(
+        None,
+        "With the step report: the text after each step, whose last token carries the step's reward (none: the "
+        "run's --step_separator, else '\\n').",
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Score --data with --model, print the report, and write it under --report when given; returns the report."""
-    cfg = parse_config(argv, EvalConfig, description=DESCRIPTION)
-    trained = trained_defaults(cfg.model, EvalConfig)
+    cfg = parse_config(argv, EvaluateConfig, description=DESCRIPTION)
+    trained = trained_defaults(cfg.model, EvaluateConfig)
+    steps = run_step_options(cfg.model)
+    if steps.get("objective") == "steps":  # a process reward model's run: its objective and separator
+        trained.update(steps)
     if trained:  # the run's own options, command line still first
-        cfg = parse_config(argv, EvalConfig, base=trained, description=DESCRIPTION)
+        cfg = parse_config(argv, EvaluateConfig, base=trained, description=DESCRIPTION)
+    if cfg.objective == "steps" and cfg.benchmark is not None:
+        raise SystemExit("error: --benchmark scores preference pairs; leave it out with --objective steps.")
     if cfg.report:  # checked, with the data, before the model loads
         check_output_dir(cfg.report, "evaluate", "--report", inputs=[cfg.model, cfg.data])
     if cfg.benchmark is not None:
         return evaluate_benchmark(cfg, trained)
+    if cfg.objective == "steps":
+        return evaluate_steps(cfg, trained)
     rows = read_rows(cfg.data, cfg.on_bad_row)
     category_column = cfg.category_column if cfg.category_column in rows.column_names else None
     if category_column is None and cfg.category_column not in (None, "category"):
@@ -91,6 +128,37 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.report and accelerator.is_main_process:
         paths = write_report(report, scores, cfg.report)
         print(f"report in {cfg.report}: {', '.join(p.name for p in paths.values())}")
+    return report
+
+
+def evaluate_steps(cfg: EvaluateConfig, trained: dict) -> dict:
+    """The step report of step-labelled --data (rmtorch.steps.step_report, what train.py --objective steps writes
+    in eval_results.json and report/): every step of every row read, rows longer than max_length dropped and
+    counted as in training. Prints it and writes metrics.json and scores.jsonl under --report when given."""
+    rows = read_rows(cfg.data, cfg.on_bad_row)  # read and checked before the model loads
+    separator = cfg.step_separator or DEFAULT_SEPARATOR
+    accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    set_cpu_threads(cfg.cpu_threads, accelerator.device)
+    model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    max_length = model_max_length(model, cfg.max_length)
+    steps = tokenize_steps(rows, tokenizer, separator, max_length=max_length, on_bad_row=cfg.on_bad_row)
+    accelerator.print(f"data {cfg.data}: {steps.report.summary()}")
+    if trained:
+        accelerator.print(
+            f"options from {Path(cfg.model) / 'config.yaml'}: " + ", ".join(f"{k}={v!r}" for k, v in trained.items())
+        )
+    reward_model = accelerator.prepare(RewardModel(model))  # autocasts its forward under --bf16, as in training
+    step_rewards = compute_step_rewards(
+        reward_model, steps["ids"], steps["step_ends"], pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
+        max_tokens_per_batch=cfg.max_tokens_per_batch,
+    )  # fmt: skip
+    report, scores = step_report(steps, step_rewards)
+    report["model"], report["data"] = str(cfg.model), {"path": str(cfg.data), **steps.report.to_dict()}
+    report["scoring"] = {**scoring_report(cfg, max_length), "step_separator": separator}
+    accelerator.print(format_step_report(report) + scoring_line(report))
+    if cfg.report and accelerator.is_main_process:
+        write_step_report(report, scores, cfg.report)
+        print(f"report in {cfg.report}: metrics.json, scores.jsonl")
     return report
 
 

@@ -8,29 +8,64 @@ Input: JSONL, JSON, Parquet or a saved `datasets` directory (the layouts train.p
 written whole (to a temporary name, renamed at the end) or not at all, and replaces only a file an earlier
 score.py wrote and nobody changed since (a hidden marker beside it records that). Rows are formatted exactly as
 training formats them (rmtorch.score). `python score.py --help` lists the options.
+
+A process reward model (`train.py --objective steps`) scores step rows with `--part steps`: rows with `prompt` and
+`completions` (a list of steps, or one string the step separator splits) get `step_rewards` (one per step) and
+`reward` (their --aggregation: min, last, mean or product), through `RewardScorer.score_steps`. --step_separator
+defaults to the run's (its config.yaml), else "\n".
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from rmtorch.cli import run
-from rmtorch.config import ScoreConfig, parse_config, scoring_source, trained_defaults
+from rmtorch.config import ScoreConfig, option, parse_config, scoring_source, trained_defaults
 from rmtorch.files import PairDataError, Rows, read_rows
 from rmtorch.outputs import check_output_file, write_file_marker
 from rmtorch.score import RewardScorer
+from rmtorch.steps import AGGREGATIONS, DEFAULT_SEPARATOR, run_step_options
 
 DESCRIPTION = "Score a file of completions or preference pairs with a trained reward model."
 
 
-def row_layout(rows: Rows) -> str:
-    """'completion' (rows get `reward`) or 'pairs' (rows get `chosen_reward` and `rejected_reward`)."""
+@dataclass
+class ScoreFileConfig(ScoreConfig):
+    part: str = option(
+        "full",
+        "What to score: the full completion, the answer after </think>, the thinking, or 'steps' (a process reward "
+        "model: rows with prompt and completions get step_rewards and their aggregated reward).",
+        choices=("full", "answer", "thinking", "steps"),
+    )
+    step_separator: str | None = option(
+        None, "--part steps: the text after each step (none: the run's --step_separator, else '\\n')."
+    )
+    aggregation: str = option(
+        "min",
+        "--part steps: a row's reward from its step rewards: min, last, mean, or product (of the steps' sigmoid "
+        "probabilities).",
+        choices=AGGREGATIONS,
+    )
+
+
+def row_layout(rows: Rows, part: str = "full") -> str:
+    """'completion' (rows get `reward`), 'pairs' (rows get `chosen_reward` and `rejected_reward`) or, with
+    part='steps', 'steps' (rows get `step_rewards` and `reward`)."""
     columns = rows.column_names
+    if part == "steps":
+        if "completions" in columns:
+            return "steps"
+        raise PairDataError(
+            f"{rows.source}: rows have fields {sorted(columns)}; --part steps needs 'completions' (each row's steps: "
+            "a list of strings, or one string the step separator splits) and 'prompt'."
+        )
     if "completion" in columns:
         return "completion"
     if "chosen" in columns and "rejected" in columns:
@@ -44,10 +79,15 @@ def row_layout(rows: Rows) -> str:
 FLAGS = ("truncated", "unclosed_think", "dropped_text")  # ScoreDetails fields a row may carry
 
 
-def score_rows(scorer: RewardScorer, rows: Rows, layout: str, part: str) -> list[dict]:
+def score_rows(
+    scorer: RewardScorer, rows: Rows, layout: str, part: str, separator: str = DEFAULT_SEPARATOR, aggregation="min"
+) -> list[dict]:
     """Each row as the file holds it, plus `reward` (or `chosen_reward`/`rejected_reward`), and `<key>_flags`
-    listing what the scorer flagged (truncated, unclosed_think, dropped_text) when it flagged anything."""
+    listing what the scorer flagged (truncated, unclosed_think, dropped_text) when it flagged anything. Layout
+    'steps': `step_rewards` and `reward` (`RewardScorer.score_steps`)."""
     prompts = [row.get("prompt") for row in rows]
+    if layout == "steps":
+        return score_step_rows(scorer, rows, prompts, separator, aggregation)
     fields = ["completion"] if layout == "completion" else ["chosen", "rejected"]
     outputs = [dict(original) for original in rows.originals]
     for name in fields:
@@ -71,6 +111,25 @@ def score_rows(scorer: RewardScorer, rows: Rows, layout: str, part: str) -> list
     return outputs
 
 
+def score_step_rows(scorer: RewardScorer, rows: Rows, prompts, separator: str, aggregation: str) -> list[dict]:
+    try:
+        scored = scorer.score_steps(
+            prompts, [row.get("completions") for row in rows], separator=separator, aggregation=aggregation
+        )
+    except ValueError as err:  # the scorer names the row within the chunk: name the file's row
+        raise PairDataError(f"{rows.source}: {_file_row(str(err), rows)}") from None
+    outputs = []
+    for i, (original, steps, reward) in enumerate(zip(rows.originals, scored.step_rewards, scored.rewards.tolist())):
+        values = steps.tolist()
+        if not all(math.isfinite(v) for v in values + [reward]):
+            raise PairDataError(
+                f"{rows.source}, row {rows.numbers[i]}, field 'completions': the model gave a non-finite step reward; "
+                "nothing was written. Check the model's weights, or score with --bf16 false."
+            )
+        outputs.append({**original, "step_rewards": values, "reward": reward})
+    return outputs
+
+
 def _file_row(message: str, rows: Rows) -> str:
     """'Row 3: ...' within a chunk → 'row <the file's row number>: ...'."""
     if message.startswith("Row "):
@@ -81,13 +140,19 @@ def _file_row(message: str, rows: Rows) -> str:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_config(argv, ScoreConfig, description=DESCRIPTION)
-    trained = trained_defaults(cfg.model, ScoreConfig)
+    cfg = parse_config(argv, ScoreFileConfig, description=DESCRIPTION)
+    trained = trained_defaults(cfg.model, ScoreFileConfig)
+    steps = run_step_options(cfg.model)
+    if steps.get("objective") == "steps" and "step_separator" in steps:  # a process reward model's separator
+        trained["step_separator"] = steps["step_separator"]
     if trained:  # score the way the model was trained (scoring_defaults' rule), command line still first
-        cfg = parse_config(argv, ScoreConfig, base=trained, description=DESCRIPTION)
+        cfg = parse_config(argv, ScoreFileConfig, base=trained, description=DESCRIPTION)
+    if cfg.part == "steps" and cfg.engine != "torch":
+        raise SystemExit("error: --part steps reads the head at every step: it runs on --engine torch.")
+    separator = cfg.step_separator or DEFAULT_SEPARATOR
     # Input and output are checked before the model loads; the output appears only when complete.
     rows = read_rows(cfg.input)
-    layout = row_layout(rows)
+    layout = row_layout(rows, cfg.part)
     output = Path(cfg.output)
     # Replaced only when an earlier score.py wrote it, as its marker records: never labels or another run's scores.
     check_output_file(output, "score", "--output", inputs=[cfg.input, cfg.model])
@@ -105,7 +170,7 @@ def main(argv: list[str] | None = None) -> Path:
         with tmp.open("w") as out, tqdm(total=len(rows), desc="score", unit="row", dynamic_ncols=True) as progress:
             for start in range(0, len(rows), cfg.rows_per_chunk):
                 chunk = rows.select(range(start, min(start + cfg.rows_per_chunk, len(rows))))
-                for row in score_rows(scorer, chunk, layout, cfg.part):
+                for row in score_rows(scorer, chunk, layout, cfg.part, separator, cfg.aggregation):
                     out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")
                 progress.update(len(chunk))
         tmp.replace(output)

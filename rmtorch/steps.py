@@ -451,6 +451,36 @@ def step_report(steps: StepSet, step_rewards: list[torch.Tensor]) -> tuple[dict,
     return report, scores
 
 
+def format_step_report(report: dict) -> str:
+    """The step report as console lines (evaluate.py; training prints the same numbers)."""
+    lines = [
+        f"steps: {report['num_steps']} of {report['num_rows']} rows",
+        f"step accuracy   {report['step_accuracy']:.4f}  (majority baseline {report['majority_baseline']:.4f})",
+        f"on true steps   {report['accuracy_true_steps']:.4f}   on false steps {report['accuracy_false_steps']:.4f}",
+    ]
+    if "first_error_accuracy" in report:
+        lines.append(f"first-error-step accuracy {report['first_error_accuracy']:.4f}")
+    lines.append(f"loss {report['loss']:.4f}  mean step reward {report['mean_step_reward']:.4f}")
+    return "\n".join(lines)
+
+
+def run_step_options(model: str | None) -> dict:
+    """{"objective", "step_separator"} as a train.py run used them (MODEL/config.yaml), those it recorded; empty for
+    anything that is not a run directory. evaluate.py, score.py and rmtorch.serve take their step defaults here."""
+    import yaml
+
+    path = Path(model) / "config.yaml" if model else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(loaded, dict):
+        return {}
+    return {k: loaded[k] for k in ("objective", "step_separator") if isinstance(loaded.get(k), str) and loaded[k]}
+
+
 def write_step_report(report: dict, scores: list[dict], report_dir: str | Path) -> None:
     """report_dir/metrics.json (the report) and scores.jsonl (a line a row: its row in the data file, step rewards
     and labels)."""

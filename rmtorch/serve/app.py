@@ -5,7 +5,9 @@ answering), hands them to the model worker (`rmtorch.serve.batcher`) and answers
 texts (`/get_reward`, `/classify`) are scored token for token as sent: tokenized with add_special_tokens=False and
 nothing appended, as OpenRLHF's server does and as verl asks of vLLM (vLLM's own default adds special tokens;
 `/classify` takes `add_special_tokens` as vLLM does), so the client's chat template must be the one the reward
-model was trained with. `/score` formats rows as training did (`RewardScorer.split`).
+model was trained with. `/score` formats rows as training did (`RewardScorer.split`). `/score` with part "steps"
+(a process reward model) runs `RewardScorer.score_steps` in a thread of its own, outside the batcher: its forward
+takes the model's lock, so other requests' forwards wait for it and go on after.
 
 Every error is a JSON body `{"error": {"type": ..., "message": ...}}` with its status: 400 bad request, 401 API
 key, 413 body or request too large, 499 client gone (never read), 500 the forward of the request's batch raised
@@ -42,6 +44,7 @@ from rmtorch.normalize import RewardNormalizer
 from rmtorch.score import RewardScorer
 from rmtorch.serve.batcher import Batcher, ForwardFailed, Overloaded, RequestTooLarge, Scored
 from rmtorch.serve.metrics import ServeMetrics
+from rmtorch.steps import AGGREGATIONS, DEFAULT_SEPARATOR, run_step_options
 from rmtorch.thinking import PARTS, SplitCompletions, split_rows
 
 router = APIRouter()
@@ -93,10 +96,12 @@ class ScoreRequest(BaseModel):
     completions: list[Any] | None = Field(None, min_length=1, description="Strings or message lists.")
     input_ids: list[NonEmptyIds] | None = Field(None, min_length=1, description="Formatted rows as token ids.")
     prompt_lengths: list[int] | None = Field(None, description="Prompt tokens of each input_ids row (default 0).")
-    part: Literal[PARTS] = "full"
+    part: Literal[(*PARTS, "steps")] = Field("full", description="'steps': step rewards of a process reward model.")
+    step_separator: str | None = Field(None, min_length=1, description="part steps: the text after each step.")
+    aggregation: Literal[AGGREGATIONS] | None = Field(None, description="part steps: a row's reward from its steps.")
     return_details: bool = False
 
-    _texts_are_unicode = unicode_fields("prompts", "completions")
+    _texts_are_unicode = unicode_fields("prompts", "completions", "step_separator")
 
     @model_validator(mode="after")
     def _one_kind_of_rows(self) -> ScoreRequest:
@@ -112,6 +117,13 @@ class ScoreRequest(BaseModel):
                     f"Got {len(self.prompt_lengths)} prompt_lengths for {len(self.input_ids)} input_ids rows; give "
                     "one per row."
                 )
+        if self.part != "steps" and (self.step_separator is not None or self.aggregation is not None):
+            raise ValueError("step_separator and aggregation go with part 'steps'.")
+        if self.part == "steps" and self.completions is None:
+            raise ValueError(
+                "part 'steps' takes prompts and completions (each a list of step strings, or one string the step "
+                "separator splits), not input_ids."
+            )
         return self
 
 
@@ -307,6 +319,9 @@ class ServeState:
     # event loop stays free to take requests meanwhile.
     tokenizer_thread: ThreadPoolExecutor
     chat_opening: str | None  # with --chat_bos restore: how a rendered chat starts after its BOS text
+    # part "steps": score_steps runs here, one request at a time, outside the batcher (see score_steps_request)
+    steps_thread: ThreadPoolExecutor
+    step_separator: str  # part "steps" without one: the model's run's --step_separator, else "\n"
 
     def tokenize_texts(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         """Full texts as OpenRLHF and verl send them → ids, a stripped chat BOS restored (`restore_chat_bos`);
@@ -345,8 +360,10 @@ def build_app(scorer: RewardScorer, cfg: ServeConfig, normalizer: RewardNormaliz
     metrics.watch_queue(batcher)
     opening = chat_opening(scorer.tokenizer) if cfg.chat_bos == "restore" else None
     state = ServeState(
-        scorer, cfg, normalizer, metrics, batcher, ThreadPoolExecutor(1, "rmtorch-serve-tokenizer"), opening
-    )
+        scorer, cfg, normalizer, metrics, batcher, ThreadPoolExecutor(1, "rmtorch-serve-tokenizer"), opening,
+        ThreadPoolExecutor(1, "rmtorch-serve-steps"),
+        run_step_options(cfg.model).get("step_separator", DEFAULT_SEPARATOR),
+    )  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -355,6 +372,7 @@ def build_app(scorer: RewardScorer, cfg: ServeConfig, normalizer: RewardNormaliz
         # uvicorn has stopped accepting and answered the requests in flight; end the worker after the queue.
         await asyncio.to_thread(batcher.stop)
         state.tokenizer_thread.shutdown()
+        state.steps_thread.shutdown()
 
     app = FastAPI(title="rmtorch.serve", lifespan=lifespan)
     app.state.serve = state
@@ -464,10 +482,56 @@ def _score_request_split(scorer: RewardScorer, body: ScoreRequest) -> SplitCompl
     return split
 
 
+async def score_steps_request(serve: ServeState, body: ScoreRequest) -> JSONResponse:
+    """/score with part "steps": `RewardScorer.score_steps` (the same ids, step ends and forward as the library), in
+    the steps thread, not the batcher: its rows are scored in the scorer's own micro-batches under the model's
+    lock (`lock_of`), so the batcher's forwards wait while it runs and the event loop keeps answering. Rewards are
+    raw: a --normalize fitted on outcome rewards does not apply to step rewards."""
+    scorer = serve.scorer
+    if scorer.reward_model is None:
+        raise ApiError(400, "invalid_request", "part 'steps' needs the torch engine; this server runs vLLM.")
+    separator = body.step_separator or serve.step_separator
+    aggregation = body.aggregation or "min"
+    prompts = body.prompts if body.prompts is not None else [None] * len(body.completions)  # refused by row
+    if len(prompts) != len(body.completions):
+        message = f"Got {len(prompts)} prompts for {len(body.completions)} completions; give one prompt each."
+        raise ApiError(400, "invalid_request", message)
+    call = functools.partial(
+        scorer.score_steps, prompts, body.completions, separator=separator, aggregation=aggregation
+    )
+    try:
+        scored = await asyncio.get_running_loop().run_in_executor(serve.steps_thread, call)
+    except ValueError as err:  # a bad row (names its row and field), or one longer than max_length
+        raise ApiError(400, "invalid_request", str(err)) from None
+    except Exception as err:  # the forward failed: the request's 500, the server goes on
+        logger.exception("part 'steps' forward failed")
+        raise ApiError(500, "forward_failed", f"The forward of this request failed: {err!r}.") from None
+    step_rewards = [r.tolist() for r in scored.step_rewards]
+    rewards = scored.rewards.tolist()
+    nonfinite = [row for row, (r, steps) in enumerate(zip(rewards, step_rewards))
+                 if not all(math.isfinite(v) for v in [r, *steps])]  # fmt: skip
+    if nonfinite:
+        raise ApiError(
+            500, "nonfinite_reward",
+            f"The reward model gave a non-finite step reward to completions{nonfinite[:10]}; with --bf16, try fp32.",
+        )  # fmt: skip
+    answer = {
+        "rewards": rewards, "step_rewards": step_rewards, "aggregation": aggregation, "step_separator": separator,
+        "normalized": False,
+    }  # fmt: skip
+    if body.return_details:
+        answer["details"] = {"raw_rewards": rewards, "num_tokens": scored.num_tokens.tolist()}
+    return JSONResponse(answer)
+
+
 @router.post("/score")
 async def score(body: ScoreRequest, request: Request) -> JSONResponse:
-    """rmtorch's own: rewards of prompts + completions formatted as in training, or of token-id rows."""
+    """rmtorch's own: rewards of prompts + completions formatted as in training, or of token-id rows; with part
+    "steps", a process reward model's step rewards and each row's aggregated reward."""
     serve: ServeState = request.app.state.serve
+    if body.part == "steps":
+        with answer_seconds(serve, "/score"):
+            return await score_steps_request(serve, body)
     if body.part != "full" and serve.scorer.think.end_id is None:
         raise ApiError(
             400, "invalid_request",

@@ -369,7 +369,11 @@ BAD_REQUESTS = [
     ("/get_reward", {"query": [""]}, r"query\[0\] has no tokens"),
     ("/classify", {"input": []}, "input: List should have at least 1 item"),
     ("/classify", {"input": "hello", "use_activation": "no"}, "use_activation: Input should be a valid boolean"),
-    ("/score", {"completions": [" a"], "part": "reasoning"}, "part: Input should be 'full', 'answer' or 'thinking'"),
+    (
+        "/score",
+        {"completions": [" a"], "part": "reasoning"},
+        "part: Input should be 'full', 'answer', 'thinking' or 'steps'",
+    ),
     ("/score", {"prompts": ["a", "b"], "completions": [" x"]}, "Got 2 prompts but 1 completions"),
     ("/score", {"completion": [" x"]}, "completion: Extra inputs are not permitted"),
     ("/score", {"completions": [" x"], "input_ids": [[1]]}, "Give either completions"),

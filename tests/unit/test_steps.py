@@ -121,3 +121,17 @@ def test_scorer_step_rewards_equal_the_head_at_each_separator(packing, tiny_mode
             expected = score_head(scorer.model)(hidden).squeeze(-1)[[i for i, t in enumerate(text_ids) if t == dot]]
         torch.testing.assert_close(rewards, expected, atol=1e-5, rtol=0)
     assert scores.rewards.tolist() == [r[-1].item() for r in scores.step_rewards]
+
+
+def test_run_step_options_reads_the_runs_config(tmp_path):
+    from rmtorch.steps import format_step_report, run_step_options
+
+    assert run_step_options(str(tmp_path)) == {} and run_step_options(None) == {}
+    (tmp_path / "config.yaml").write_text('objective: steps\nstep_separator: "\\n\\n"\nlr: 0.001\n')
+    assert run_step_options(str(tmp_path)) == {"objective": "steps", "step_separator": "\n\n"}
+    (tmp_path / "config.yaml").write_text(": not yaml : [")
+    assert run_step_options(str(tmp_path)) == {}
+    report = {"num_rows": 2, "num_steps": 3, "step_accuracy": 0.5, "majority_baseline": 0.6, "loss": 0.7,
+              "accuracy_true_steps": 1.0, "accuracy_false_steps": math.nan, "mean_step_reward": 0.1,
+              "first_error_accuracy": 0.5}  # fmt: skip
+    assert "first-error-step accuracy 0.5000" in format_step_report(report)

@@ -58,9 +58,28 @@ from rmtorch.loading import load_reward_model, quantization_config_4bit, resolve
 from rmtorch.lora import apply_lora, merge_adapter, save_adapter
 from rmtorch.loss import length_penalty, pairwise_loss
 from rmtorch.metrics import StepMetrics, pair_report, report_scalars
-from rmtorch.model import RewardModel, compile_elementwise, disable_dropout, enable_gradient_checkpointing, score_pairs
+from rmtorch.model import (
+    RewardModel,
+    compile_elementwise,
+    compute_rewards,
+    disable_dropout,
+    enable_gradient_checkpointing,
+    score_pairs,
+)
 from rmtorch.outputs import check_new_run, check_resume, check_writable, fingerprint, read_marker, write_marker
 from rmtorch.pairs import TokenizeReport, shared_pairs, tokenize_pairs
+from rmtorch.ratings import (
+    RatingCollator,
+    RatingReport,
+    RatingSet,
+    describe_attributes,
+    rating_report,
+    regression_loss,
+    shared_ratings,
+    target_scale,
+    tokenize_ratings,
+    write_rating_report,
+)
 from rmtorch.report import plot_training_curves, write_report
 from rmtorch.steps import (
     StepCollator,
@@ -103,9 +122,11 @@ def build_model(cfg: TrainConfig, accelerator: Accelerator) -> tuple[RewardModel
     with accelerator.main_process_first():  # the main process converts the embedded GGUF once; the others read it
         model_path = resolve_model_path(cfg.model)
     # Every process loads at once: under DeepSpeed ZeRO-3 building the weights is a collective.
+    outputs = len(cfg.attribute_names()) if cfg.objective == "regression" else 1  # a rating model: one per attribute
     model, tokenizer = load_reward_model(
-        model_path, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization_config
-    )
+        model_path, trust_remote_code=cfg.trust_remote_code, quantization_config=quantization_config,
+        num_labels=outputs,
+    )  # fmt: skip
     disable_dropout(model)
     if cfg.packing:  # packed rows run block attention, also when a checkpointed layer recomputes in backward
         use_block_attention(model)
@@ -142,6 +163,8 @@ def build_data(cfg: TrainConfig, tokenizer) -> tuple:
             train_rows, eval_rows = train_rows.split(cfg.eval_fraction, cfg.seed)
     if cfg.objective == "steps":  # a process reward model: step-labelled rows (their `completions` are not groups)
         return build_step_data(cfg, tokenizer, train_rows, eval_rows)
+    if cfg.objective == "regression":  # a rating model: rows with a response and its attributes' ratings
+        return build_rating_data(cfg, tokenizer, train_rows, eval_rows)
     if is_group_data(train_rows) or is_group_data(eval_rows):
         return build_group_data(cfg, tokenizer, train_rows, eval_rows)
     options = dict(
@@ -207,6 +230,20 @@ def build_step_data(cfg: TrainConfig, tokenizer, train_rows: Rows, eval_rows: Ro
     return train_set, eval_set, report
 
 
+def build_rating_data(cfg: TrainConfig, tokenizer, train_rows: Rows, eval_rows: Rows) -> tuple:
+    """(train ratings, eval ratings, data report) of rated rows (prompt, response, one column per attribute)."""
+    options = dict(max_length=cfg.max_length, truncation=cfg.truncation, on_bad_row=cfg.on_bad_row)
+    train_set = tokenize_ratings(train_rows, tokenizer, cfg.attribute_names(), **options)
+    eval_set = tokenize_ratings(eval_rows, tokenizer, cfg.attribute_names(), **options)
+    # The training targets' scale, computed once: both sets' losses read it, and the saved config holds it.
+    train_set.mean, train_set.std = eval_set.mean, eval_set.std = target_scale(train_set, cfg.normalize_targets)
+    report = {
+        "train": train_set.report.to_dict(),
+        "eval": {**eval_set.report.to_dict(), "also_in_train": shared_ratings(train_set, eval_set)},
+    }
+    return train_set, eval_set, report
+
+
 def build_train_loader(cfg: TrainConfig, train_set, tokenizer) -> DataLoader:
     """Batches of pairs: packed rows ([prompt, chosen, rejected], no padding) or TRL's padded batches; the order
     depends only on (seed, epoch), so a resumed run sees the same batches."""
@@ -220,6 +257,8 @@ def build_train_loader(cfg: TrainConfig, train_set, tokenizer) -> DataLoader:
         collate = GroupCollator()
     if isinstance(train_set, StepSet):  # rows packed (or padded) whole; the loss reads each step's separator
         collate = StepCollator(cfg.packing, tokenizer.pad_token_id, train_set.label_kind)
+    if isinstance(train_set, RatingSet):  # one sequence per row, its targets beside it
+        collate = RatingCollator(cfg.packing, tokenizer.pad_token_id, train_set.std)
     sampler = EpochSampler(len(train_set), seed=cfg.seed, shuffle=cfg.shuffle)
     if cfg.group_by_length:
         batches = LengthGroupedBatchSampler(sampler, train_set.lengths(), cfg.batch_size)
@@ -266,13 +305,20 @@ def batch_loss(reward_model, batch: dict, cfg: TrainConfig) -> tuple[torch.Tenso
     """A micro-batch's loss and the (chosen, rejected) rewards the step's numbers count. Pairs: chosen and rejected in
     one forward, TRL's pairwise loss (or a group or tie loss over every ordered pair), plus the length penalty when
     asked. Steps (a process reward model): one logit per step read at its separator; "accuracy" is then step
-    accuracy and "margin" the mean signed reward."""
+    accuracy and "margin" the mean signed reward. Ratings (a rating model): the weighted MSE of the attributes;
+    "accuracy" then counts rows whose reward (the weighted sum of attributes) is predicted above its target and
+    "margin" is the mean reward error, predicted minus target."""
     if cfg.objective == "steps":
         step_rewards = reward_model(**step_model_inputs(batch))  # (K,) steps of the micro-batch
         kind, labels = batch["label_kind"], batch["step_labels"]
         loss = step_loss(step_rewards, labels, batch["step_trained"], kind)
         signed = torch.where(step_correct(step_rewards, labels, kind), 1.0, -1.0) * step_rewards.abs()
         return loss, signed, torch.zeros_like(signed)
+    if cfg.objective == "regression":
+        predictions = reward_model(**model_inputs(batch))  # (B, K) attributes, in the data's units
+        loss = regression_loss(predictions, batch["targets"], cfg.weights("attribute_weights"), batch["target_std"])
+        weights = predictions.new_tensor(cfg.weights("reward_weights"))
+        return loss, predictions.detach() @ weights, batch["targets"].to(predictions.device) @ weights
     rewards = reward_model(**model_inputs(batch))  # (2B,): chosen then rejected (groups: every response)
     if cfg.loss == "pairwise" and cfg.tie_nu is None:  # TRL's loss
         chosen, rejected = rewards.chunk(2)
@@ -320,6 +366,12 @@ def evaluate(reward_model, eval_set, tokenizer, cfg: TrainConfig, accelerator: A
             packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch,
         )  # fmt: skip
         return step_report(eval_set, step_rewards)
+    if isinstance(eval_set, RatingSet):
+        predictions = compute_rewards(
+            reward_model, *eval_set.sequences(), pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
+            max_tokens_per_batch=cfg.max_tokens_per_batch, accelerator=accelerator,
+        )  # fmt: skip  # (N, K)
+        return rating_report(eval_set, predictions, cfg.weights("attribute_weights"))
     if isinstance(eval_set, GroupSet):
         rewards = score_groups(
             reward_model, eval_set, pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
@@ -373,6 +425,9 @@ def main(argv: list[str] | None = None) -> dict:
     reward_model, tokenizer = build_model(cfg, accelerator)
     with accelerator.main_process_first():
         train_set, eval_set, data_report = build_data(cfg, tokenizer)
+    if isinstance(train_set, RatingSet):  # the saved config names the outputs, the reward weights, the scale
+        describe_attributes(reward_model.model.config, train_set.attributes, cfg.weights("reward_weights"),
+                            train_set.mean, train_set.std)  # fmt: skip
     train_loader = accelerator.prepare(build_train_loader(cfg, train_set, tokenizer))  # this process's share
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_loader) / cfg.grad_accum)))
     optimizer = build_optimizer(cfg, reward_model)
@@ -516,7 +571,7 @@ class RunLog:
             {"step": step, **{f"eval_{k}": v for k, v in scalars.items()}},
             {f"eval/{k}": v for k, v in scalars.items()},
         )
-        shown = ("accuracy", "margin", "loss", "ece", "step_accuracy", "first_error_accuracy")
+        shown = ("accuracy", "margin", "loss", "ece", "step_accuracy", "first_error_accuracy", "rmse", "pearson")
         self._print(f"eval at step {step}: " + "  ".join(f"{k} {scalars[k]:.4f}" for k in shown if k in scalars))
 
     def _print(self, line: str) -> None:
@@ -535,9 +590,20 @@ class RunLog:
             write_json(self.output_dir / "eval_results.json", results)
             if "num_steps" in report:  # a process reward model's report: step metrics, step rewards per row
                 write_step_report(report, scores, self.output_dir / "report")
+            elif "rmse" in report:  # a rating model's: per attribute RMSE and Pearson, predictions per row
+                write_rating_report(report, scores, self.output_dir / "report")
             else:
                 write_report(report, scores, self.output_dir / "report")
             self.curves()
+        if "rmse" in report:
+            attributes = ", ".join(
+                f"{k.removeprefix('rmse_')} {v:.3f}" for k, v in report.items() if k.startswith("rmse_")
+            )
+            self.accelerator.print(
+                f"done in {results['train_wall_s']:.0f}s: held-out RMSE {attributes} on {results['num_rows']} rows; "
+                f"model in {self.output_dir}"
+            )
+            return
         if "num_steps" in report:
             self.accelerator.print(
                 f"done in {results['train_wall_s']:.0f}s: held-out step accuracy {results['step_accuracy']:.3f} "
@@ -555,6 +621,7 @@ class RunLog:
 def report_summary(report: dict) -> str:
     """A data report (TokenizeReport.to_dict(), plus counts of its own) in TokenizeReport's words."""
     kind = GroupReport if "groups_out" in report else StepReport if "rows_out" in report else TokenizeReport
+    kind = RatingReport if "ratings_out" in report else kind
     return kind(**{k: v for k, v in report.items() if k in kind.__dataclass_fields__}).summary()
 
 

@@ -190,8 +190,27 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
         "pairwise",
         "What is trained: 'pairwise' (a reward per response, from preference pairs or groups) or 'steps' (a process "
         "reward model: a reward per reasoning step, from rows with prompt, completions (the steps) and labels (one "
-        "per step), read at each step's separator; TRL's former PRMTrainer's data and loss).",
-        choices=("pairwise", "steps"),
+        "per step), read at each step's separator; TRL's former PRMTrainer's data and loss) or 'regression' (a "
+        "rating model: one output per --attributes column, from rows with prompt, response and those ratings; MSE).",
+        choices=("pairwise", "steps", "regression"),
+    )
+    attributes: str | None = option(
+        None,
+        "--objective regression: comma-separated rating columns, one model output each, e.g. "
+        "'helpfulness,correctness,coherence,complexity,verbosity' (HelpSteer). Saved as the model's id2label.",
+    )
+    attribute_weights: str | None = option(
+        None, "--objective regression: comma-separated loss weights (>= 0), one per attribute. none: equal weights."
+    )
+    reward_weights: str | None = option(
+        None,
+        "--objective regression: comma-separated weights, one per attribute, whose weighted sum of the predicted "
+        "attributes is the reward the scorer returns (saved in the model's config). none: 1/K each.",
+    )
+    normalize_targets: bool = option(
+        False,
+        "--objective regression: the head learns each attribute standardized by the training set's mean and std "
+        "(saved in the config; rmtorch turns predictions back into the data's units, vLLM's /classify does not).",
     )
     step_separator: str = option(
         "\n",
@@ -254,6 +273,48 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
         "(offline), mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio).",
     )
 
+    def attribute_names(self) -> list[str]:
+        return [name.strip() for name in (self.attributes or "").split(",") if name.strip()]
+
+    def weights(self, name: str) -> list[float]:
+        """--attribute_weights or --reward_weights as numbers, one per attribute (their defaults when none)."""
+        text, count = getattr(self, name), len(self.attribute_names())
+        if text is None:
+            return [1.0] * count if name == "attribute_weights" else [1.0 / count] * count
+        return [float(value) for value in str(text).split(",")]
+
+    def check_ratings(self) -> None:
+        """The --objective regression options, together."""
+        names = self.attribute_names()
+        if self.objective != "regression":
+            given = [f"--{n}" for n in ("attributes", "attribute_weights", "reward_weights") if getattr(self, n)]
+            if given or self.normalize_targets:
+                raise ValueError(f"{', '.join(given) or '--normalize_targets'} apply to rating models: add "
+                                 "--objective regression.")  # fmt: skip
+            return
+        if not names or len(set(names)) != len(names):
+            raise ValueError(
+                "--objective regression needs --attributes: the rating columns, comma-separated and distinct, e.g. "
+                f"'helpfulness,correctness'; got {self.attributes!r}."
+            )
+        if self.loss != "pairwise" or self.tie_nu is not None or self.length_penalty or self.lora:
+            raise ValueError(
+                "--objective regression trains one loss (MSE) in full: leave --loss pairwise, --tie_nu none, "
+                "--length_penalty 0 and --lora false."
+            )
+        for option_name in ("attribute_weights", "reward_weights"):
+            try:
+                values = self.weights(option_name)
+            except ValueError:
+                values = []
+            if len(values) != len(names) or not all(math.isfinite(v) for v in values):
+                raise ValueError(
+                    f"--{option_name} must be {len(names)} comma-separated numbers, one per attribute "
+                    f"({', '.join(names)}), got {getattr(self, option_name)!r}."
+                )
+        if any(w < 0 for w in self.weights("attribute_weights")) or not sum(self.weights("attribute_weights")):
+            raise ValueError(f"--attribute_weights must be >= 0 and not all 0, got {self.attribute_weights!r}.")
+
     def check(self) -> None:
         if self.eval_file is None and self.eval_fraction == 0:
             raise ValueError(
@@ -282,6 +343,7 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
                 "--objective steps trains one loss on step labels: leave --loss pairwise, --tie_nu none and "
                 "--length_penalty 0."
             )
+        self.check_ratings()
         if not self.step_separator:
             raise ValueError("--step_separator is empty: give the text that ends each step, e.g. '\\n'.")
         if self.merge_lora and not self.lora:

@@ -150,8 +150,11 @@ def load_reward_model(
     quantization_config=None,
     device_map=None,
     base_weights: str = "trained",
+    num_labels: int | None = None,
 ):
-    """Load (model, tokenizer): an AutoModelForSequenceClassification with num_labels=1.
+    """Load (model, tokenizer): an AutoModelForSequenceClassification with num_labels=1, or with the K outputs of a
+    rating model (rmtorch.ratings: its config holds rmtorch_reward_weights). num_labels: a new head of that many
+    outputs (train.py --objective regression); None: 1, or the rating model's own K.
 
     The tokenizer is loaded from the model (or copied from `tokenizer`, never mutated); its pad token falls
     back to EOS and model.config.pad_token_id follows it. 'smollm2' and .gguf files are converted once to a
@@ -170,20 +173,33 @@ def load_reward_model(
     check_safetensors_checkpoint(path)
     options = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     if (Path(path) / "adapter_config.json").exists():
+        if num_labels not in (None, 1):
+            raise ValueError(f"{path} is a LoRA adapter: rating models with num_labels={num_labels} train in full.")
         return _load_adapter(Path(path), tokenizer, quantization_config, base_weights, **options)
     if base_weights != "trained":
         raise ValueError(
             f"base_weights={base_weights!r} chooses the base of a LoRA adapter; {path} is a full model "
             "(no adapter_config.json). Leave base_weights at 'trained'."
         )
-    return _load_model(path, tokenizer, quantization_config, **options)
+    return _load_model(path, tokenizer, quantization_config, num_labels=num_labels, **options)
 
 
-def _load_model(path: str, tokenizer, quantization_config, *, dtype, trust_remote_code, device_map):
+def saved_num_labels(path: str | Path) -> int:
+    """The outputs of a model directory as rmtorch reads it: a rating model's K (its config.json holds
+    rmtorch_reward_weights), else 1 (a base LM's config may say 2: its head is new and gets one output)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return len(config["id2label"]) if "rmtorch_reward_weights" in config else 1
+
+
+def _load_model(
+    path: str, tokenizer, quantization_config, *, dtype, trust_remote_code, device_map, num_labels: int | None = None
+):
     """A plain or (with `quantization_config`) 4-bit model from a checked safetensors directory."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    saved = saved_num_labels(path)
+    num_labels = num_labels or saved
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     else:
@@ -193,15 +209,18 @@ def _load_model(path: str, tokenizer, quantization_config, *, dtype, trust_remot
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point of a reward model
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+            path, num_labels=num_labels, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
             quantization_config=quantization_config, device_map=device_map,
+            ignore_mismatched_sizes=num_labels != saved,  # a reward model's one-output head, replaced by K outputs
         )  # fmt: skip
     finally:
         hf_logging.set_verbosity(verbosity)
     if quantization_config is not None:
         prepare_4bit_model(model)
-    if model.config.num_labels != 1:
-        raise ValueError(f"{path} is a classifier with num_labels={model.config.num_labels}; a reward model needs 1.")
+    if model.config.num_labels != num_labels:
+        raise ValueError(
+            f"{path} is a classifier with num_labels={model.config.num_labels}; a reward model needs {num_labels}."
+        )
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

@@ -103,7 +103,8 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 class RewardModel(nn.Module):
-    """Wraps an AutoModelForSequenceClassification: forward returns one fp32 reward per row.
+    """Wraps an AutoModelForSequenceClassification: forward returns one fp32 reward per row, (N,), or for a model
+    with K outputs (a rating model, rmtorch.ratings) its K attribute values per row, (N, K).
 
     Pools at the last attended token of each row of a padded batch. A packed row (rmtorch.batching) passes
     `last_index`, the position of each sequence's last token, with `position_ids` and `attention_blocks`; its
@@ -139,9 +140,18 @@ class RewardModel(nn.Module):
                 return per_token[0, step_index].float()
             return per_token[step_index[:, 0], step_index[:, 1]].float()  # (row, position) pairs of a padded batch
         if last_index is not None:  # one packed row: sequence i ends at last_index[i]
-            return per_token[0, last_index].float()
+            return self._in_data_units(per_token[0, last_index].float())
         rows = torch.arange(per_token.shape[0], device=per_token.device)
-        return per_token[rows, last_token_index(attention_mask)].float()
+        return self._in_data_units(per_token[rows, last_token_index(attention_mask)].float())
+
+    def _in_data_units(self, outputs: torch.Tensor) -> torch.Tensor:
+        """A rating model trained on normalized targets (rmtorch.ratings) predicts (y - mean) / std; its config
+        holds mean and std, and its outputs come back in the data's units. Other models' outputs pass unchanged."""
+        std = getattr(self.model.config, "rmtorch_attribute_std", None)
+        if std is None:
+            return outputs
+        mean = self.model.config.rmtorch_attribute_mean
+        return outputs * outputs.new_tensor(std) + outputs.new_tensor(mean)  # (N, K)
 
 
 # ---------------------------------------------------------------------------------------- ids → rewards
@@ -170,8 +180,9 @@ def compute_rewards(
     accelerator=None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """(N,) fp32 rewards of token-id sequences, in input order; every reward equals the sequence scored alone, and
-    identical sequences (scored once) get identical rewards.
+    """(N,) fp32 rewards of token-id sequences, in input order ((N, K) for a model with K outputs: a rating model's
+    attributes); every reward equals the sequence scored alone, and identical sequences (scored once) get identical
+    rewards.
 
     packing: rows that share a prompt (`prompt_lengths[i]` leading tokens, identical) are packed into padding-free
     rows with the prompt computed once, up to `max_tokens_per_batch` tokens a forward; otherwise rows are sorted
@@ -200,7 +211,6 @@ def compute_rewards(
             autocast_dtype=autocast_dtype, accelerator=accelerator, progress=progress,
         )  # fmt: skip
         return unique_rewards[first]
-    rewards = torch.full((len(sequences),), float("nan"))
     prompt_lengths = prompt_lengths if prompt_lengths is not None else [0] * len(sequences)
     if packing:
         plan = plan_packed(sequences, prompt_lengths, max_tokens_per_batch)
@@ -235,6 +245,8 @@ def compute_rewards(
         from accelerate.utils import gather_object
 
         results = gather_object(results)
+    outputs = torch.tensor(results[0][1]).shape[1:]  # () for one reward a row, (K,) for K attributes
+    rewards = torch.full((len(sequences), *outputs), float("nan"))
     for rows, values in results:
         rewards[rows] = torch.tensor(values, dtype=torch.float32)
     return rewards

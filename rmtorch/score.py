@@ -30,6 +30,9 @@ and logged; `dropped_text="error"` refuses them instead. RL code should refuse o
 Empty completions are scored, not refused: RL policies do emit them, and training's format for an empty
 response is defined (standard text: prompt + EOS; conversations: an empty assistant turn).
 
+A rating model (`train.py --objective regression`) gives one reward a row too: the weighted sum of its attributes
+by the weights its config holds; `return_details=True` adds the attributes themselves, (N, K).
+
 The scorer returns raw rewards. Scaling for RL is the caller's, e.g. `as_reward_func(transform=RewardNormalizer())`.
 """
 
@@ -47,6 +50,7 @@ from rmtorch.formatting import bos_to_keep, chat_text, common_prefix_length, kee
 from rmtorch.loading import load_reward_model, resolve_pad_token
 from rmtorch.model import RewardModel, lock_of
 from rmtorch.pairs import check_messages
+from rmtorch.ratings import weighted_reward
 from rmtorch.thinking import SplitCompletions, resolve_think_tokens, split_rows
 
 logger = logging.getLogger(__name__)
@@ -61,6 +65,7 @@ class ScoreDetails:
     truncated: torch.Tensor  # bool, longer than max_length: the start was cut
     unclosed_think: torch.Tensor | None  # bool, a <think> with no </think> after it (None: rows not split)
     dropped_text: torch.Tensor  # bool, the chat template left text of the completion out of the scored ids
+    attributes: torch.Tensor | None = None  # (N, K) fp32 of a rating model (names: config.id2label); else None
 
 
 class RewardScorer:
@@ -132,6 +137,7 @@ class RewardScorer:
         self.think_end_token = think_end_token
         self.bos_id = bos_to_keep(tokenizer)  # a cut from the left keeps it
         self.dropped_text = dropped_text
+        self.reward_weights = rating_weights(self.config)
 
     @classmethod
     def from_pretrained(
@@ -291,12 +297,15 @@ class RewardScorer:
             for row in truncated.nonzero().flatten().tolist():
                 sequences[row] = keep_last(sequences[row], self.max_length, self.bos_id)
                 lengths[row] = 0  # its prompt was cut: nothing to share
-        rewards = self.score_ids(sequences, lengths)
+        rewards, attributes = self.score_ids(sequences, lengths), None
+        if self.reward_weights is not None:  # a rating model: the reward is the weighted sum of its attributes
+            attributes, rewards = rewards, weighted_reward(rewards, self.reward_weights)
         nonfinite = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
         if nonfinite:  # TRL's GRPO treats NaN as a missing reward; say so rather than let it pass unseen
             logger.warning("Rows %s got a non-finite reward from the model (NaN or inf).", nonfinite[:10])
         num_tokens = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)
-        return ScoreDetails(rewards, num_tokens, truncated, None, torch.zeros(len(sequences), dtype=torch.bool))
+        no_drops = torch.zeros(len(sequences), dtype=torch.bool)
+        return ScoreDetails(rewards, num_tokens, truncated, None, no_drops, attributes)
 
     def score_split(self, split: SplitCompletions, part: str = "full") -> ScoreDetails:
         """Score `part` of already split rows (see `split`) with `score_tokens`."""
@@ -318,7 +327,8 @@ class RewardScorer:
         prompts/completions: lists of strings, or of message lists (as TRL's GRPO passes conversations).
         part: "full" (prompt + completion), "answer" (prompt + the tokens after the last `</think>`),
         "thinking" (prompt + the tokens up to and including it); see `rmtorch.thinking`.
-        return_details: return `ScoreDetails` (rewards, num_tokens, truncated, unclosed_think, dropped_text).
+        return_details: return `ScoreDetails` (rewards, num_tokens, truncated, unclosed_think, dropped_text, and a
+        rating model's attributes).
         """
         details = self.score_split(self.split(prompts, completions), part)
         return details if return_details else details.rewards
@@ -347,6 +357,22 @@ class RewardScorer:
 
         reward_func.__name__ = reward_func.__qualname__ = name
         return reward_func
+
+
+def rating_weights(config) -> list[float] | None:
+    """A rating model's reward weights (config.rmtorch_reward_weights, one per output), None for a one-output model."""
+    weights = getattr(config, "rmtorch_reward_weights", None)
+    if weights is None and getattr(config, "num_labels", 1) != 1:
+        raise ValueError(
+            f"The model has {config.num_labels} outputs but no rmtorch_reward_weights in its config, so its outputs "
+            "cannot be combined into one reward. Add rmtorch_reward_weights (one weight per label) to config.json."
+        )
+    if weights is not None and len(weights) != config.num_labels:
+        raise ValueError(
+            f"config.rmtorch_reward_weights has {len(weights)} weights for {config.num_labels} outputs; give one per "
+            "output."
+        )
+    return weights
 
 
 def check_row_lists(prompts, completions) -> str | None:

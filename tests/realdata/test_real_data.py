@@ -30,7 +30,7 @@ def test_eval_report_on_llmbar_scores_the_labelled_output_as_chosen(tmp_path, sm
             "--bf16",
             "false",
             "--max_length",
-            "none",
+            "4096",  # none would be the model's own limit (512 here), which 4 of these pairs pass
         ]
     )
     assert report["num_pairs"] == 100 and report["data"]["pairs_out"] == 100

@@ -300,7 +300,7 @@ def assert_real_png(path: Path) -> Path:
 
 CONFIGS = REPO_ROOT / "configs"
 LAUNCH_TIMEOUT = 240
-LAUNCH_STEPS = 8  # 12 pairs, 8 a step: the runs cross epoch boundaries
+LAUNCH_STEPS = 8  # 12 pairs in 3 micro-batches of 4, 2 a step: 2 steps an epoch (the second uneven), 4 epochs
 LAUNCH_EVAL_PAIRS = 7  # odd: the processes get different numbers of eval rows, and no row may count twice
 LAUNCH_LORA = ("--lora", "--lora_r", "4")
 
@@ -311,21 +311,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launch(config: str | None, *options: str) -> list[str]:
-    """The command that starts train.py in 2 processes under `configs/<config>`, or under the launcher `options`
-    alone, on a free port; train.py's options follow."""
+def accelerate_launch(config: str) -> list[str]:
+    """The command that starts train.py under `configs/<config>` (2 processes) on a free port; options follow."""
     accelerate = str(Path(sys.executable).parent / "accelerate")
-    config_file = ["--config_file", str(CONFIGS / config)] if config else []
-    return [accelerate, "launch", *config_file, *options, "--main_process_port", str(free_port()), "train.py"]
+    return [accelerate, "launch", "--config_file", str(CONFIGS / config), "--main_process_port", str(free_port())] + [
+        "train.py"
+    ]
 
 
-def launch(
-    config: str | None, argv: list[str], check: bool = True, options: tuple[str, ...] = (), **env: str
-) -> subprocess.CompletedProcess:
-    """Run train.py under `config` (or the launcher `options`) in 2 CPU processes, one torch thread each (the
-    machine is shared)."""
+def launch(config: str, argv: list[str], check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run train.py under `config` in 2 CPU processes, one torch thread each (the machine is shared)."""
     result = subprocess.run(
-        accelerate_launch(config, *options) + argv,
+        accelerate_launch(config) + argv,
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -333,8 +330,7 @@ def launch(
         env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )
     if check and result.returncode != 0 and not aborted_after_finishing(argv, result):
-        launcher = config or " ".join(options)
-        raise AssertionError(f"{launcher} launch failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise AssertionError(f"{config} launch failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
 
 

@@ -142,7 +142,7 @@ ERROR_CASES = {
 
 
 # The cases that run their script in a fresh interpreter: one per script.
-IN_A_PROCESS = ("train: bad row", "evaluate: missing data file", "score: output is the input", "merge: a full model")
+IN_SUBPROCESS = ("train: bad row", "evaluate: missing data file", "score: output is the input", "merge: a full model")
 
 
 @pytest.mark.parametrize("case", list(ERROR_CASES))
@@ -164,7 +164,7 @@ def test_errors_are_one_line_without_a_traceback_and_leave_nothing_behind(tmp_pa
     if script == "train.py":
         argv = train_argv(tiny_model_dir, files["good"], tmp_path / "out") + argv
     before = sorted(p.name for p in tmp_path.iterdir())
-    if case in IN_A_PROCESS:
+    if case in IN_SUBPROCESS:
         result = run_script(script, argv, check=False)
         assert result.returncode == 1
         assert "Traceback" not in result.stderr

@@ -1,7 +1,6 @@
-"""Two processes equal one under DDP: `accelerate launch` with 2 CPU processes (gloo) and the same global batch and
-seed gives the 1-process weights within fp32 tolerance, takes the same steps, and gathers the eval set without
-duplicated rows. Launched as the README says, with configs/ddp.yaml, and as docs/scale_out.md says, with the
-launcher's own options.
+"""Two processes equal one under DDP: `accelerate launch --config_file configs/ddp.yaml` (the README's command) with
+2 CPU processes (gloo) and the same global batch and seed gives the 1-process weights within fp32 tolerance, takes
+the same steps, and gathers the eval set without duplicated rows.
 """
 
 from __future__ import annotations
@@ -10,14 +9,11 @@ import pytest
 
 from tests.conftest import assert_same_run, assert_same_weights, launch, launch_options, read_jsonl
 
-DDP_OPTIONS = ("--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no")
-
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config, options", [("ddp.yaml", ()), (None, DDP_OPTIONS)], ids=["ddp.yaml", "options"])
-def test_two_ddp_processes_equal_one_with_the_same_global_batch(launch_data, one_process, tmp_path, config, options):
+def test_two_ddp_processes_equal_one_with_the_same_global_batch(launch_data, one_process, tmp_path):
     two = tmp_path / "two_processes"
-    result = launch(config, launch_options(launch_data, two, 2), options=options)
+    result = launch("ddp.yaml", launch_options(launch_data, two, 2))
     assert "2 process(es) x 2 pairs x 2 accumulation" in result.stdout + result.stderr
     assert_same_weights(one_process(), two, atol=1e-5)
     assert_same_run(one_process(), two)

@@ -3,7 +3,7 @@ checkpoint, non-finite steps are skipped, counted, and stop the run with a check
 
 Runs that crash go to subprocesses (a killed process must be a real one); a fault inside a save or the loss is
 injected by a wrapper that patches the library function and then runs train.py unchanged (test-only: train.py
-has no fault hooks).
+has no fault hooks). The uninterrupted reference and the resumed runs train in the test's process.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from tests.conftest import (
     pair_rows,
     run_script,
     train_argv,
+    train_in_process,
+    train_records,
     write_jsonl,
 )
 
@@ -64,25 +66,24 @@ def run_train(argv: list[str], patch: str = "", check: bool = True) -> subproces
 @pytest.fixture(scope="module")
 def uninterrupted(setup):
     output_dir = setup[0] / "uninterrupted"
-    run_train(train_command(setup, output_dir, "--save_every", "1"))
+    train_in_process(train_command(setup, output_dir, "--save_every", "1"))
     return output_dir
 
 
 def train_steps_logged(output_dir: Path) -> list[int]:
-    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [line["step"] for line in lines if "loss" in line]
+    return [line["step"] for line in train_records(output_dir)]
 
 
 @pytest.mark.slow
-def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(setup, uninterrupted, tmp_path):
+def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(setup, uninterrupted, tmp_path, capsys):
     kill_after = random.Random(2024).randint(3, 20)
     output_dir = tmp_path / "killed"
     command = train_command(setup, output_dir, "--save_every", "1")
     killed_at = kill_at_checkpoint([sys.executable, "train.py", *command], kill_after)
     assert kill_after <= killed_at < MAX_STEPS
 
-    resumed = run_train(command + ["--resume_from", "latest"])
-    assert f"at step {killed_at} " in resumed.stdout + resumed.stderr
+    train_in_process(command + ["--resume_from", "latest"])
+    assert f"at step {killed_at} " in capsys.readouterr().out
     assert_same_weights(output_dir, uninterrupted)
     assert train_steps_logged(output_dir) == list(
         range(1, MAX_STEPS + 1)
@@ -127,7 +128,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint_and_latest(setup, uninterr
     assert json.loads((previous / LOOP_STATE_FILE).read_text())["step"] == 8
     load_file(previous / "model.safetensors")  # intact
 
-    run_train(command + ["--resume_from", "latest"])
+    train_in_process(command + ["--resume_from", "latest"])
     assert_same_weights(output_dir, uninterrupted)
     assert not list(checkpoints.glob(".tmp-*"))
     assert (checkpoints / "latest").read_text().strip() == f"step-{MAX_STEPS:06d}"

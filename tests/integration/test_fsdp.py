@@ -30,9 +30,9 @@ from tests.conftest import (
 
 @pytest.fixture(scope="module")
 def fsdp_run(launch_data, tmp_path_factory):
-    """An uninterrupted 2-process FSDP run (2 pairs x 2 accumulation x 2 processes a step), saving every step."""
+    """An uninterrupted 2-process FSDP run (2 pairs x 2 accumulation x 2 processes a step), checkpointed at the end."""
     output_dir = tmp_path_factory.mktemp("fsdp") / "run"
-    result = launch("fsdp2_cpu.yaml", launch_options(launch_data, output_dir, 2, "--save_every", "1"))
+    result = launch("fsdp2_cpu.yaml", launch_options(launch_data, output_dir, 2))
     assert "2 process(es) x 2 pairs x 2 accumulation" in result.stdout + result.stderr
     return output_dir
 

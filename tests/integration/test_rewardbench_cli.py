@@ -22,7 +22,7 @@ from rmtorch.loading import load_reward_model
 from rmtorch.model import RewardModel, compute_rewards
 from rmtorch.rewardbench import V1_EXAMPLE_COUNTS, V1_ROWS, V1_SECTIONS, V2_ROWS
 from rmtorch.rewardbench_data import read_prompts, tokenize_prompts
-from tests.conftest import PAIR_WORDS, assert_real_png, read_jsonl, run_script, save_tiny_llama, write_jsonl
+from tests.conftest import PAIR_WORDS, assert_real_png, read_jsonl, save_tiny_llama, write_jsonl
 
 
 def words(rng: random.Random, low: int, high: int) -> str:
@@ -235,11 +235,13 @@ def test_skipped_rows_are_counted_in_the_report(runs, tmp_path):
     assert report["subset_rows"]["mt-bench-easy"] == 1 and report["subset_rows"]["mt-bench-med"] == 1
 
 
-def test_the_command_line_prints_the_table_and_writes_the_report(runs, tmp_path):
+def test_the_command_line_prints_the_table_and_writes_the_report(runs, tmp_path, capsys):
+    """What evaluate.py's command line runs (test_cli runs the script itself in a fresh interpreter)."""
     out = tmp_path / "cli_report"
-    result = run_script("evaluate.py", [*runs["rewardbench"]["argv"], "--report", str(out)])
-    assert "RewardBench v1: 46 rows" in result.stdout and "  Chat Hard" in result.stdout
-    assert f"report in {out}: rewardbench.json, rewardbench_scores.jsonl, rewardbench.png" in result.stdout
+    run(evaluate.main, [*runs["rewardbench"]["argv"], "--report", str(out)])
+    printed = capsys.readouterr().out
+    assert "RewardBench v1: 46 rows" in printed and "  Chat Hard" in printed
+    assert f"report in {out}: rewardbench.json, rewardbench_scores.jsonl, rewardbench.png" in printed
     assert json.loads((out / "rewardbench.json").read_text())["overall"] == pytest.approx(
         runs["rewardbench"]["report"]["overall"], abs=1e-12
     )

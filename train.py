@@ -519,7 +519,7 @@ class RunLog:
     def __init__(self, cfg, accelerator, total_steps: int, data_report: dict, state: dict, checkpoint):
         self.cfg, self.accelerator, self.total_steps = cfg, accelerator, total_steps
         self.output_dir = Path(cfg.output_dir)
-        self.metrics_file = None
+        self.metrics_file, self.curves_drawn = None, -math.inf
         print_ = accelerator.print
         train_words, eval_words = (report_summary(data_report[name]) for name in ("train", "eval"))
         print_(f"data: train {train_words}; eval {eval_words}")
@@ -578,9 +578,12 @@ class RunLog:
         if self.accelerator.is_main_process:  # tqdm.write prints even for a disabled bar: once, not once a process
             self.progress.write(line)
 
-    def curves(self) -> None:
-        if self.accelerator.is_main_process:  # redrawn at each checkpoint, so a long run can be watched
+    def curves(self, final: bool = False) -> None:
+        """Redraw the training curves: at checkpoints at most once a minute (a plot costs about a second, a run may
+        save every step), so a long run can be watched; always at the end."""
+        if self.accelerator.is_main_process and (final or time.monotonic() - self.curves_drawn >= 60):
             plot_training_curves(self.output_dir / "metrics.jsonl", self.output_dir / "report" / "training_curves.png")
+            self.curves_drawn = time.monotonic()
 
     def finish(self, report: dict, scores: list[dict], results: dict) -> None:
         self.progress.close()
@@ -594,7 +597,7 @@ class RunLog:
                 write_rating_report(report, scores, self.output_dir / "report")
             else:
                 write_report(report, scores, self.output_dir / "report")
-            self.curves()
+            self.curves(final=True)
         if "rmse" in report:
             attributes = ", ".join(
                 f"{k.removeprefix('rmse_')} {v:.3f}" for k, v in report.items() if k.startswith("rmse_")

@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{cfg.data}: no column '{cfg.category_column}' to split accuracy by; its columns are {rows.column_names}."
         )
 
-    accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
-    set_cpu_threads(cfg.cpu_threads, accelerator.device)
-    model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    max_length = model_max_length(model, cfg.max_length)
+    accelerator, model, tokenizer, max_length = load_for_evaluation(cfg)
     options = dict(max_length=max_length, truncation=cfg.truncation, on_bad_row=cfg.on_bad_row)
     keep = [category_column] if category_column else []
     if is_group_data(rows):  # responses with ranks or scores: the report over every ordered pair, and Kendall's tau
@@ -107,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = tokenize_pairs(rows, tokenizer, **options, margin_column=cfg.margin_column, keep_columns=keep)
     accelerator.print(f"data {cfg.data}: {pairs.report.summary()}")
     if trained:
-        accelerator.print(
-            f"options from {Path(cfg.model) / 'config.yaml'}: " + ", ".join(f"{k}={v}" for k, v in trained.items())
-        )
+        accelerator.print(trained_line(cfg, trained))
     reward_model = accelerator.prepare(RewardModel(model))  # autocasts its forward under --bf16, as in training
     batching = dict(
         pad_token_id=tokenizer.pad_token_id, packing=cfg.packing, max_tokens_per_batch=cfg.max_tokens_per_batch,
@@ -137,16 +132,11 @@ def evaluate_steps(cfg: EvaluateConfig, trained: dict) -> dict:
     counted as in training. Prints it and writes metrics.json and scores.jsonl under --report when given."""
     rows = read_rows(cfg.data, cfg.on_bad_row)  # read and checked before the model loads
     separator = cfg.step_separator or DEFAULT_SEPARATOR
-    accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
-    set_cpu_threads(cfg.cpu_threads, accelerator.device)
-    model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    max_length = model_max_length(model, cfg.max_length)
+    accelerator, model, tokenizer, max_length = load_for_evaluation(cfg)
     steps = tokenize_steps(rows, tokenizer, separator, max_length=max_length, on_bad_row=cfg.on_bad_row)
     accelerator.print(f"data {cfg.data}: {steps.report.summary()}")
     if trained:
-        accelerator.print(
-            f"options from {Path(cfg.model) / 'config.yaml'}: " + ", ".join(f"{k}={v!r}" for k, v in trained.items())
-        )
+        accelerator.print(trained_line(cfg, trained))
     reward_model = accelerator.prepare(RewardModel(model))  # autocasts its forward under --bf16, as in training
     step_rewards = compute_step_rewards(
         reward_model, steps["ids"], steps["step_ends"], pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
@@ -167,16 +157,11 @@ def evaluate_benchmark(cfg: EvalConfig, trained: dict) -> dict:
     under --report when given; returns the report."""
     # The rows are read and checked before the model loads.
     prompts, data = read_prompts(read_rows(cfg.data, cfg.on_bad_row), cfg.benchmark, cfg.on_bad_row)
-    accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
-    set_cpu_threads(cfg.cpu_threads, accelerator.device)
-    model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    max_length = model_max_length(model, cfg.max_length)
+    accelerator, model, tokenizer, max_length = load_for_evaluation(cfg)
     tokenized = tokenize_prompts(prompts, tokenizer, data, max_length, cfg.truncation)
     accelerator.print(f"data {cfg.data}: {data.summary()}")
     if trained:
-        accelerator.print(
-            f"options from {Path(cfg.model) / 'config.yaml'}: " + ", ".join(f"{k}={v}" for k, v in trained.items())
-        )
+        accelerator.print(trained_line(cfg, trained))
     # Each completion carries the prompt tokens it shares with its siblings: packed, the prompt runs once.
     rewards = compute_rewards(
         accelerator.prepare(RewardModel(model)), tokenized.sequences, tokenized.prompt_lengths,
@@ -191,6 +176,20 @@ def evaluate_benchmark(cfg: EvalConfig, trained: dict) -> dict:
         paths = write_benchmark_report(report, lines, cfg.report)
         print(f"report in {cfg.report}: {', '.join(p.name for p in paths.values())}")
     return report
+
+
+def load_for_evaluation(cfg) -> tuple:
+    """(accelerator, model, tokenizer, max_length) for --model: the launch's accelerator and threads, the model, and
+    max_length resolved against the model's own limit."""
+    accelerator = launch_accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
+    set_cpu_threads(cfg.cpu_threads, accelerator.device)
+    model, tokenizer = load_reward_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return accelerator, model, tokenizer, model_max_length(model, cfg.max_length)
+
+
+def trained_line(cfg, trained: dict) -> str:
+    """The line saying which options came from the run that trained --model."""
+    return f"options from {Path(cfg.model) / 'config.yaml'}: " + ", ".join(f"{k}={v!r}" for k, v in trained.items())
 
 
 def scoring_report(cfg: EvalConfig, max_length: int | None) -> dict:

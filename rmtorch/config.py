@@ -567,9 +567,8 @@ TRAINED_DEFAULTS = (
 )
 
 
-def trained_defaults(model: str | None, cls: type[Options] = ScoringOptions) -> dict:
-    """The options a train.py run used (MODEL/config.yaml) that `cls` shares, so a model is evaluated and scored
-    the way it was trained. Empty for anything that is not a run directory."""
+def run_config(model: str | None) -> dict:
+    """The options a train.py run wrote (MODEL/config.yaml); empty for anything that is not a run directory."""
     path = Path(model) / "config.yaml" if model else None
     if path is None or not path.is_file():
         return {}
@@ -577,8 +576,14 @@ def trained_defaults(model: str | None, cls: type[Options] = ScoringOptions) -> 
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         return {}
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: loaded[k] for k in TRAINED_DEFAULTS if isinstance(loaded, dict) and k in loaded and k in names}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def trained_defaults(model: str | None, cls: type[Options] = ScoringOptions) -> dict:
+    """The options a train.py run used (MODEL/config.yaml) that `cls` shares, so a model is evaluated and scored
+    the way it was trained. Empty for anything that is not a run directory."""
+    loaded, names = run_config(model), {f.name for f in dataclasses.fields(cls)}
+    return {k: loaded[k] for k in TRAINED_DEFAULTS if k in loaded and k in names}
 
 
 def scoring_defaults(model: str | None) -> dict:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmtorch.batching import micro_batches, pack_groups, pad_sequences
+from rmtorch.config import run_config
 from rmtorch.files import PairDataError, Rows, write_json, write_jsonl
 from rmtorch.pairs import ColumnSet, RowCounts, _kind, as_rows
 
@@ -467,17 +468,7 @@ def format_step_report(report: dict) -> str:
 def run_step_options(model: str | None) -> dict:
     """{"objective", "step_separator"} as a train.py run used them (MODEL/config.yaml), those it recorded; empty for
     anything that is not a run directory. evaluate.py, score.py and rmtorch.serve take their step defaults here."""
-    import yaml
-
-    path = Path(model) / "config.yaml" if model else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(loaded, dict):
-        return {}
+    loaded = run_config(model)
     return {k: loaded[k] for k in ("objective", "step_separator") if isinstance(loaded.get(k), str) and loaded[k]}
 
 

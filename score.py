@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> Path:
         cfg = parse_config(argv, ScoreFileConfig, base=trained, description=DESCRIPTION)
     if cfg.part == "steps" and cfg.engine != "torch":
         raise SystemExit("error: --part steps reads the head at every step: it runs on --engine torch.")
+    engine_options = cfg.engine_options()
     separator = cfg.step_separator or DEFAULT_SEPARATOR
     # Input and output are checked before the model loads; the output appears only when complete.
     rows = read_rows(cfg.input)
@@ -163,7 +164,8 @@ def main(argv: list[str] | None = None) -> Path:
     batching = {"packing": cfg.packing} if cfg.engine == "torch" else {}
     scorer = RewardScorer.from_pretrained(
         cfg.model, device=cfg.device, max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
-        trust_remote_code=cfg.trust_remote_code, autocast_dtype=autocast, engine=cfg.engine, **batching,
+        trust_remote_code=cfg.trust_remote_code, autocast_dtype=autocast, engine=cfg.engine,
+        engine_options=engine_options, **batching,
     )  # fmt: skip
     tmp = output.with_name(f".{output.name}.tmp")
     try:

@@ -31,13 +31,16 @@ vLLM's server (docs/serve.md's command, bench/vllm_engine.py) on the same saved 
 rmtorch.serve at the most clients, one completion per request (/classify with add_special_tokens false, so both
 score the same ids). vLLM's prefix cache keeps whole sequences, so each of `--vllm_rounds` runs (after a warm-up
 one) sends fresh rows, a new block of questions, to both servers in alternating order: rows/s, tokens/s, p50 and
-p99 under serve_vs_vllm, rewards within 1e-4.
+p99 under serve_vs_vllm, rewards within 1e-4. A third server runs beside them: rmtorch's layer on vLLM's engine
+(`python -m rmtorch.serve --engine vllm` from .venv-vllm, same threads), for what rmtorch's layer costs over plain
+vLLM (engine_vllm_vs_vllm).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import re
@@ -109,13 +112,15 @@ def baseline_app(model_name: str):
 class ServerProcess:
     """A server in its own process on a free port (read from uvicorn's start line); SIGTERM at the end."""
 
-    def __init__(self, command: list[str]):
-        self.command = command
+    def __init__(self, command: list[str], env: dict[str, str] | None = None):
+        self.command, self.env = command, env
 
     def __enter__(self) -> ServerProcess:
+        # A process group of its own: leaving ends the server and whatever it started (vLLM's engine processes).
         self.process = subprocess.Popen(
-            self.command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+            self.command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
+            start_new_session=True,
+        )  # fmt: skip
         for line in self.process.stderr:
             if match := re.search(r"Uvicorn running on (http://\S+)", line):
                 self.url = match[1]
@@ -126,11 +131,14 @@ class ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.process.send_signal(signal.SIGTERM)
+        os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def saved_model(name: str, directory: Path, seed: int):
@@ -410,13 +418,23 @@ def compare_with_vllm(args, model: str, tokenizer, rmtorch_url: str) -> dict:
     per_block = math.ceil(max(clients * args.requests_per_client, args.min_requests) / args.generations)
     blocks = [build_rows(tokenizer, args, per_block, index * per_block) for index in range(args.vllm_rounds + 1)]
     body = {"model": vllm_engine.SERVED_NAME, "use_activation": False, "add_special_tokens": False}
-    totals = {name: {"rows": 0, "tokens": 0, "seconds": 0.0, "latencies": []} for name in ("rmtorch", "vLLM")}
+    names = ("rmtorch", "vLLM", "rmtorch+vLLM")
+    totals = {name: {"rows": 0, "tokens": 0, "seconds": 0.0, "latencies": []} for name in names}
     rewards = {name: {} for name in totals}
-    with vllm_engine.VllmServer(model, threads=args.threads) as server:
-        urls = {"rmtorch": rmtorch_url, "vLLM": server.url}
+    # rmtorch's layer on vLLM's engine: rmtorch.serve --engine vllm from .venv-vllm, with vLLM's threads.
+    engine_command = [
+        str(vllm_engine.VENV_PYTHON), "-m", "rmtorch.serve", "--engine", "vllm", "--model", model, "--port", "0",
+        "--bf16", "false", "--max_length", str(args.max_length),
+    ]  # fmt: skip
+    with (
+        vllm_engine.VllmServer(model, threads=args.threads) as server,
+        ServerProcess(engine_command, env=vllm_engine.vllm_env(args.threads)) as on_vllm,
+    ):
+        urls = {"rmtorch": rmtorch_url, "vLLM": server.url, "rmtorch+vLLM": on_vllm.url}
         for index, block in enumerate(blocks):
             requests = [("/classify", {**body, "input": text}, [(index, row)]) for row, text in enumerate(block.texts)]
-            for name in list(urls) if index % 2 == 0 else list(urls)[::-1]:
+            order = list(urls)[index % len(urls) :] + list(urls)[: index % len(urls)]  # each server leads in turn
+            for name in order:
                 done, seconds, latencies = asyncio.run(
                     drive(urls[name], requests, clients, args.max_seconds, rewards[name])
                 )
@@ -428,11 +446,14 @@ def compare_with_vllm(args, model: str, tokenizer, rmtorch_url: str) -> dict:
                 total["seconds"] += seconds
                 total["latencies"] += latencies
                 print(
-                    f"vs vLLM round {index}: {name:7s} {clients} clients, {len(done)} rows in {seconds:6.1f} s",
+                    f"vs vLLM round {index}: {name:12s} {clients} clients, {len(done)} rows in {seconds:6.1f} s",
                     flush=True,
                 )
-    common = rewards["rmtorch"].keys() & rewards["vLLM"].keys()
-    max_diff = max(abs(rewards["rmtorch"][key] - rewards["vLLM"][key]) for key in common)
+    max_diff = max(
+        abs(rewards[name][key] - rewards["vLLM"][key])
+        for name in ("rmtorch", "rmtorch+vLLM")
+        for key in rewards[name].keys() & rewards["vLLM"].keys()
+    )
     servers = {
         name: {
             "rows": t["rows"], "tokens": t["tokens"], "seconds": t["seconds"], "rows_per_s": t["rows"] / t["seconds"],
@@ -445,14 +466,18 @@ def compare_with_vllm(args, model: str, tokenizer, rmtorch_url: str) -> dict:
         "clients": clients, "rounds": args.vllm_rounds, "rows_per_round": len(blocks[0].texts), "servers": servers,
         "rmtorch_speedup": servers["rmtorch"]["rows_per_s"] / servers["vLLM"]["rows_per_s"],
         "rmtorch_p99_vs_vllm": servers["rmtorch"]["p99_s"] / servers["vLLM"]["p99_s"], "max_reward_diff": max_diff,
+        "engine_vllm_vs_vllm": servers["rmtorch+vLLM"]["rows_per_s"] / servers["vLLM"]["rows_per_s"],
+        "engine_vllm_p99_vs_vllm": servers["rmtorch+vLLM"]["p99_s"] / servers["vLLM"]["p99_s"],
     }  # fmt: skip
     print(f"\nvs plain vLLM: {clients} clients, one completion per request, {args.vllm_rounds} rounds of fresh rows")
-    print(f"{'server':9s} {'rows/s':>8s} {'tokens/s':>9s} {'p50 s':>7s} {'p99 s':>7s}")
+    print(f"{'server':13s} {'rows/s':>8s} {'tokens/s':>9s} {'p50 s':>7s} {'p99 s':>7s}")
     for name, row in servers.items():
-        print(f"{name:9s} {row['rows_per_s']:8.2f} {row['tokens_per_s']:9.0f} {row['p50_s']:7.2f} {row['p99_s']:7.2f}")
+        rates = f"{row['rows_per_s']:8.2f} {row['tokens_per_s']:9.0f}"
+        print(f"{name:13s} {rates} {row['p50_s']:7.2f} {row['p99_s']:7.2f}")
     print(
         f"rmtorch vs vLLM: {result['rmtorch_speedup']:.2f}x rows/s (p99 {result['rmtorch_p99_vs_vllm']:.2f}x); "
-        f"max |reward diff| {max_diff:.1e}"
+        f"rmtorch --engine vllm vs vLLM: {result['engine_vllm_vs_vllm']:.2f}x rows/s "
+        f"(p99 {result['engine_vllm_p99_vs_vllm']:.2f}x); max |reward diff| {max_diff:.1e}"
     )
     if max_diff > 1e-4:
         raise RuntimeError(f"rmtorch's and vLLM's rewards differ by up to {max_diff:.1e} (> 1e-4): not the same work.")

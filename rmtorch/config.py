@@ -388,6 +388,22 @@ class EngineOptions(Options):
         "kernels; needs vLLM installed, a plain or merged model, and --device unset). Formatting is the same.",
         choices=("torch", "vllm"),
     )
+    tensor_parallel_size: int = option(
+        1,
+        "With --engine vllm: GPUs the model is split over (vLLM's tensor parallelism). The torch engine: 1.",
+        check=">0",
+    )
+
+    def engine_options(self) -> dict:
+        """RewardScorer's engine_options for these options; a setting the torch engine has no use for is refused."""
+        if self.engine == "torch":
+            if self.tensor_parallel_size != 1:
+                raise ValueError(
+                    f"--tensor_parallel_size {self.tensor_parallel_size} needs --engine vllm (the torch engine runs "
+                    "on one device): add --engine vllm, or leave --tensor_parallel_size out."
+                )
+            return {}
+        return {"tensor_parallel_size": self.tensor_parallel_size} if self.tensor_parallel_size != 1 else {}
 
 
 @dataclass

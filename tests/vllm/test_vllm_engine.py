@@ -1,15 +1,15 @@
-"""rmtorch with `engine="vllm"` scores as rmtorch's own torch engine: RewardScorer in .venv-vllm, and
-`python -m rmtorch.serve --engine vllm`'s /score, /get_reward and /classify, against RewardScorer's torch engine in
-this venv on the same real GSM8K rows (fp32, within 1e-4), with the thinking split (part="answer").
+"""rmtorch with `engine="vllm"` scores as rmtorch's own torch engine: `python -m rmtorch.serve --engine vllm` (a
+RewardScorer.from_pretrained(run, engine="vllm") behind rmtorch's endpoints) in .venv-vllm, its /score, /get_reward
+and /classify against RewardScorer's torch engine in this venv on the same real GSM8K rows (fp32, within 1e-4),
+with the thinking split (part="answer").
 
 vLLM imports only in .venv-vllm (tests/vllm/setup_venv.sh installs rmtorch there too); these tests run from the main
-venv and start that venv's Python. Each test starts vLLM once (about 90 s on 2 cores).
+venv and start that venv's Python. The server test starts vLLM once (about 60 s on 2 cores).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -64,28 +64,6 @@ def test_without_vllm_the_engine_says_how_to_install_it(runs):
         VllmEngine(runs["full"][1])
 
 
-def test_vllm_scorer_gives_the_torch_engines_rewards(runs, rows, torch_scorer, tmp_path):
-    """RewardScorer.from_pretrained(run, engine="vllm") in .venv-vllm, parts full and answer (split at </think>)."""
-    prompts, completions = rows
-    parts = ["full", "answer"]
-    rows_file = tmp_path / "rows.json"
-    rows_file.write_text(json.dumps({"prompts": prompts, "completions": completions, "parts": parts}))
-    output = tmp_path / "rewards.json"
-    done = subprocess.run(
-        [str(VENV_PYTHON), "tests/vllm/score_with_vllm.py", str(runs["full"][1]), str(rows_file), str(output)],
-        cwd=REPO_ROOT, env=vllm_env(), capture_output=True, text=True, timeout=STARTUP_TIMEOUT_S + 300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    answer = json.loads(output.read_text())
-    assert answer["engine"] == "vllm" and answer["precision"] == "fp32"
-    assert answer["max_length"] == torch_scorer.max_length
-    for part in parts:
-        expected = torch_scorer(prompts, completions, part=part)
-        assert expected.std() > 0.01, "the rows' rewards must differ for the comparison to mean anything"
-        torch.testing.assert_close(torch.tensor(answer[part]), expected, atol=1e-4, rtol=0, msg=part)
-    assert not torch.allclose(torch.tensor(answer["full"]), torch.tensor(answer["answer"]), atol=1e-3)
-
-
 @contextlib.contextmanager
 def rmtorch_server(model, *options: str):
     """`python -m rmtorch.serve --engine vllm` from .venv-vllm, in a process group of its own; yields its URL once
@@ -134,8 +112,9 @@ def test_served_by_vllm_engine_as_by_torch_engine(runs, rows, torch_scorer):
             assert response.status_code == 200, response.text
             return response.json()
 
-        health = httpx.get(url + "/health", timeout=5).json()
+        health = httpx.get(url + "/health", timeout=5).json()  # the server's RewardScorer(engine="vllm")
         assert (health["engine"], health["precision"]) == ("vllm", "fp32")
+        assert health["max_length"] == torch_scorer.max_length  # the run's, as the torch engine reads it
         assert httpx.post(url + "/score", json={"prompts": prompts, "completions": completions}).status_code == 401
         scored = post("/score", {"prompts": prompts, "completions": completions})["rewards"]
         torch.testing.assert_close(torch.tensor(scored), expected, atol=1e-4, rtol=0)

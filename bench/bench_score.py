@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--no_vllm", action="store_true", help="Leave out the comparison with plain vLLM (run when .venv-vllm exists)."
     )
     parser.add_argument(
+        "--vllm_loads", nargs="+", default=list(VLLM_LOADS), choices=list(VLLM_LOADS),
+        help="Loads of the comparison with vLLM: completions cut from the question's own trace, or from others'.",
+    )  # fmt: skip
+    parser.add_argument(
         "--only_vllm", action="store_true", help="Only the comparison with plain vLLM (writes score_vs_vllm alone)."
     )
     parser.add_argument("--no_write", action="store_true", help="Print only; leave bench/results/latest.json alone.")
@@ -170,8 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
             model, tokenizer, max_tokens_per_batch=args.max_tokens_per_batch, packing=False
         ),
     }
-    if args.only_vllm:
-        summary = {"score_vs_vllm": versus_vllm(args, model, tokenizer, scorers["rmtorch packed+shared"])}
+    if args.only_vllm:  # the loads run now replace theirs in latest.json; the others' figures stay
+        recorded = json.loads(RESULTS_FILE.read_text()).get("score_vs_vllm", {}) if RESULTS_FILE.exists() else {}
+        recorded = {load: value for load, value in recorded.items() if load in VLLM_LOADS}
+        fresh = versus_vllm(args, model, tokenizer, scorers["rmtorch packed+shared"])
+        summary = {"score_vs_vllm": {**recorded, **fresh}}
         if not args.no_write:
             write_results(summary, ("score_vs_vllm",))
             print(f"written to {RESULTS_FILE}")
@@ -307,7 +314,7 @@ def versus_vllm(args, model, tokenizer, scorer) -> dict:
     """compare_with_vllm on both loads: completions cut from the question's own trace (a group's completions share
     long prefixes, which vLLM's block prefix cache finds and rmtorch's shared prompt does not), and completions from
     other traces (a group shares its prompt and nothing more, as sampled completions mostly do)."""
-    return {load: compare_with_vllm(args, model, tokenizer, scorer, distinct) for load, distinct in VLLM_LOADS.items()}
+    return {load: compare_with_vllm(args, model, tokenizer, scorer, VLLM_LOADS[load]) for load in args.vllm_loads}
 
 
 VLLM_VARIANTS = {"vLLM prefix cache on": True, "vLLM prefix cache off": False}

@@ -12,6 +12,12 @@ labels) with training's step report: step accuracy, first-error-step accuracy, t
 happens with --objective steps, or when the run's config.yaml says objective: steps; its step_separator is the
 default --step_separator then.
 
+A rating model (`train.py --objective regression`) is evaluated on rated rows (prompt, response, one column per
+attribute) with training's rating report: RMSE and Pearson r per attribute, the loss (rmtorch.ratings). That happens
+with --objective regression --attributes a,b,..., or when the run's config.yaml says objective: regression; its
+attributes and attribute weights are the defaults then, and the loss divides by the target std the model's config
+saved (train.py --normalize_targets), so evaluating a run on its own eval file reproduces its report.
+
 Shared options (max_length, truncation, packing, bf16, ...) have training's definitions; for a model train.py
 wrote they default to what it trained with (OUT/config.yaml), so evaluating a run on its own eval file reproduces
 its eval_results.json. Any other model is scored in fp32 up to its own length limit: the rule RewardScorer,
@@ -27,7 +33,15 @@ from pathlib import Path
 
 from rmtorch.accelerator import launch_accelerator
 from rmtorch.cli import run, set_cpu_threads
-from rmtorch.config import EvalConfig, option, parse_config, scoring_source, trained_defaults
+from rmtorch.config import (
+    EvalConfig,
+    attribute_list,
+    attribute_values,
+    option,
+    parse_config,
+    scoring_source,
+    trained_defaults,
+)
 from rmtorch.files import PairDataError, read_rows
 from rmtorch.group_metrics import group_report
 from rmtorch.groups import GroupSet, is_group_data, score_groups, tokenize_groups
@@ -36,6 +50,15 @@ from rmtorch.metrics import format_report, pair_report
 from rmtorch.model import RewardModel, compute_rewards, model_max_length, score_pairs
 from rmtorch.outputs import check_output_dir
 from rmtorch.pairs import tokenize_pairs
+from rmtorch.ratings import (
+    check_rating_rows,
+    format_rating_report,
+    rating_report,
+    run_rating_options,
+    saved_target_scale,
+    tokenize_ratings,
+    write_rating_report,
+)
 from rmtorch.report import format_benchmark_table, write_benchmark_report, write_report
 from rmtorch.rewardbench import score_benchmark
 from rmtorch.rewardbench_data import read_prompts, tokenize_prompts
@@ -60,9 +83,21 @@ class EvaluateConfig(EvalConfig):
     objective: str | None = option(
         None,
         "'steps': --data holds step-labelled rows (prompt, completions, labels) and gets the step report (step "
-        "accuracy, first-error-step accuracy), as train.py --objective steps evaluates; 'pairwise': the pair report. "
-        "none: what the run's config.yaml says, else pairwise.",
-        choices=("pairwise", "steps"),
+        "accuracy, first-error-step accuracy), as train.py --objective steps evaluates; 'regression': rated rows "
+        "(prompt, response, one column per --attributes) and the rating report (RMSE, Pearson r per attribute), as "
+        "train.py --objective regression evaluates; 'pairwise': the pair report. none: what the run's config.yaml "
+        "says, else pairwise.",
+        choices=("pairwise", "steps", "regression"),
+    )
+    attributes: str | None = option(
+        None,
+        "With the rating report: the rating columns, comma-separated, in the order of the model's outputs (none: the "
+        "run's --attributes).",
+    )
+    attribute_weights: str | None = option(
+        None,
+        "With the rating report: the loss's weight per attribute, comma-separated (none: the run's "
+        "--attribute_weights, else equal).",
     )
     step_separator: str | None = option(
         None,
@@ -78,16 +113,23 @@ def main(argv: list[str] | None = None) -> dict:
     steps = run_step_options(cfg.model)
     if steps.get("objective") == "steps":  # a process reward model's run: its objective and separator
         trained.update(steps)
+    ratings = run_rating_options(cfg.model)
+    if ratings.get("objective") == "regression":  # a rating model's run: its objective, attributes and loss weights
+        trained.update(ratings)
     if trained:  # the run's own options, command line still first
         cfg = parse_config(argv, EvaluateConfig, base=trained, description=DESCRIPTION)
-    if cfg.objective == "steps" and cfg.benchmark is not None:
-        raise SystemExit("error: --benchmark scores preference pairs; leave it out with --objective steps.")
+    if cfg.objective in ("steps", "regression") and cfg.benchmark is not None:
+        raise SystemExit(f"error: --benchmark scores preference pairs; leave it out with --objective {cfg.objective}.")
+    if cfg.objective != "regression" and (cfg.attributes or cfg.attribute_weights) and "attributes" not in trained:
+        raise ValueError("--attributes and --attribute_weights apply to rating models: add --objective regression.")
     if cfg.report:  # checked, with the data, before the model loads
         check_output_dir(cfg.report, "evaluate", "--report", inputs=[cfg.model, cfg.data])
     if cfg.benchmark is not None:
         return evaluate_benchmark(cfg, trained)
     if cfg.objective == "steps":
         return evaluate_steps(cfg, trained)
+    if cfg.objective == "regression":
+        return evaluate_ratings(cfg, trained)
     rows = read_rows(cfg.data, cfg.on_bad_row)
     category_column = cfg.category_column if cfg.category_column in rows.column_names else None
     if category_column is None and cfg.category_column not in (None, "category"):
@@ -150,6 +192,43 @@ def evaluate_steps(cfg: EvaluateConfig, trained: dict) -> dict:
         write_step_report(report, scores, cfg.report)
         print(f"report in {cfg.report}: metrics.json, scores.jsonl")
     return report
+
+
+def evaluate_ratings(cfg: EvaluateConfig, trained: dict) -> dict:
+    """The rating report of rated --data (rmtorch.ratings.rating_report, what train.py --objective regression writes
+    in eval_results.json and report/): predictions in the data's units, and the loss weighted by --attribute_weights
+    in units of the target std the model's config saved. Prints it and writes metrics.json and scores.jsonl under
+    --report when given."""
+    attributes, weights = rating_options(cfg)
+    rows = read_rows(cfg.data, cfg.on_bad_row)
+    check_rating_rows(rows, attributes, cfg.on_bad_row)  # read and checked before the model loads
+    accelerator, model, tokenizer, max_length = load_for_evaluation(cfg)
+    mean, std = saved_target_scale(model.config, attributes, cfg.model)
+    options = dict(max_length=max_length, truncation=cfg.truncation, on_bad_row=cfg.on_bad_row)
+    ratings = tokenize_ratings(rows, tokenizer, attributes, **options)
+    ratings.mean, ratings.std = mean, std
+    accelerator.print(f"data {cfg.data}: {ratings.report.summary()}")
+    if trained:
+        accelerator.print(trained_line(cfg, trained))
+    reward_model = accelerator.prepare(RewardModel(model))  # autocasts its forward under --bf16, as in training
+    predictions = compute_rewards(
+        reward_model, *ratings.sequences(), pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
+        max_tokens_per_batch=cfg.max_tokens_per_batch, accelerator=accelerator, progress=True,
+    )  # fmt: skip
+    report, scores = rating_report(ratings, predictions.reshape(len(ratings), len(attributes)), weights)  # (N, K)
+    report["model"], report["data"] = str(cfg.model), {"path": str(cfg.data), **ratings.report.to_dict()}
+    report["scoring"] = {**scoring_report(cfg, max_length), "attribute_weights": weights, "target_std": std}
+    accelerator.print(format_rating_report(report) + scoring_line(report))
+    if cfg.report and accelerator.is_main_process:
+        write_rating_report(report, scores, cfg.report)
+        print(f"report in {cfg.report}: metrics.json, scores.jsonl")
+    return report
+
+
+def rating_options(cfg: EvaluateConfig) -> tuple[list[str], list[float]]:
+    """(attributes, loss weights) of --attributes and --attribute_weights, checked as train.py checks them."""
+    names = attribute_list(cfg.attributes)
+    return names, attribute_values(cfg.attribute_weights, names, "attribute_weights")
 
 
 def evaluate_benchmark(cfg: EvalConfig, trained: dict) -> dict:

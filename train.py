@@ -315,7 +315,8 @@ def batch_loss(reward_model, batch: dict, cfg: TrainConfig) -> tuple[torch.Tenso
         signed = torch.where(step_correct(step_rewards, labels, kind), 1.0, -1.0) * step_rewards.abs()
         return loss, signed, torch.zeros_like(signed)
     if cfg.objective == "regression":
-        predictions = reward_model(**model_inputs(batch))  # (B, K) attributes, in the data's units
+        # (B, K) attributes, in the data's units (one attribute: the model's (B,) made a column)
+        predictions = reward_model(**model_inputs(batch)).view(len(batch["targets"]), -1)
         loss = regression_loss(predictions, batch["targets"], cfg.weights("attribute_weights"), batch["target_std"])
         weights = predictions.new_tensor(cfg.weights("reward_weights"))
         return loss, predictions.detach() @ weights, batch["targets"].to(predictions.device) @ weights
@@ -370,8 +371,8 @@ def evaluate(reward_model, eval_set, tokenizer, cfg: TrainConfig, accelerator: A
         predictions = compute_rewards(
             reward_model, *eval_set.sequences(), pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,
             max_tokens_per_batch=cfg.max_tokens_per_batch, accelerator=accelerator,
-        )  # fmt: skip  # (N, K)
-        return rating_report(eval_set, predictions, cfg.weights("attribute_weights"))
+        )  # fmt: skip
+        return rating_report(eval_set, predictions.view(len(eval_set), -1), cfg.weights("attribute_weights"))  # (N, K)
     if isinstance(eval_set, GroupSet):
         rewards = score_groups(
             reward_model, eval_set, pad_token_id=tokenizer.pad_token_id, packing=cfg.packing,

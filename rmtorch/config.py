@@ -278,42 +278,24 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
 
     def weights(self, name: str) -> list[float]:
         """--attribute_weights or --reward_weights as numbers, one per attribute (their defaults when none)."""
-        text, count = getattr(self, name), len(self.attribute_names())
-        if text is None:
-            return [1.0] * count if name == "attribute_weights" else [1.0 / count] * count
-        return [float(value) for value in str(text).split(",")]
+        return attribute_values(getattr(self, name), self.attribute_names(), name)
 
     def check_ratings(self) -> None:
         """The --objective regression options, together."""
-        names = self.attribute_names()
         if self.objective != "regression":
             given = [f"--{n}" for n in ("attributes", "attribute_weights", "reward_weights") if getattr(self, n)]
             if given or self.normalize_targets:
                 raise ValueError(f"{', '.join(given) or '--normalize_targets'} apply to rating models: add "
                                  "--objective regression.")  # fmt: skip
             return
-        if not names or len(set(names)) != len(names):
-            raise ValueError(
-                "--objective regression needs --attributes: the rating columns, comma-separated and distinct, e.g. "
-                f"'helpfulness,correctness'; got {self.attributes!r}."
-            )
+        names = attribute_list(self.attributes)
         if self.loss != "pairwise" or self.tie_nu is not None or self.length_penalty or self.lora:
             raise ValueError(
                 "--objective regression trains one loss (MSE) in full: leave --loss pairwise, --tie_nu none, "
                 "--length_penalty 0 and --lora false."
             )
         for option_name in ("attribute_weights", "reward_weights"):
-            try:
-                values = self.weights(option_name)
-            except ValueError:
-                values = []
-            if len(values) != len(names) or not all(math.isfinite(v) for v in values):
-                raise ValueError(
-                    f"--{option_name} must be {len(names)} comma-separated numbers, one per attribute "
-                    f"({', '.join(names)}), got {getattr(self, option_name)!r}."
-                )
-        if any(w < 0 for w in self.weights("attribute_weights")) or not sum(self.weights("attribute_weights")):
-            raise ValueError(f"--attribute_weights must be >= 0 and not all 0, got {self.attribute_weights!r}.")
+            attribute_values(getattr(self, option_name), names, option_name)
 
     def check(self) -> None:
         if self.eval_file is None and self.eval_fraction == 0:
@@ -359,6 +341,36 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
                 f"--report_to: unknown tracker(s) {unknown}; Accelerate supports {', '.join(known_trackers())} (or "
                 "none)."
             )
+
+
+def attribute_list(attributes: str | None) -> list[str]:
+    """--attributes as names (a rating model's columns, in the order of its outputs): at least one, distinct."""
+    names = [name.strip() for name in (attributes or "").split(",") if name.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(
+            "--objective regression needs --attributes: the rating columns, comma-separated and distinct, e.g. "
+            f"'helpfulness,correctness'; got {attributes!r}."
+        )
+    return names
+
+
+def attribute_values(text: str | None, names: list[str], option_name: str) -> list[float]:
+    """--attribute_weights (loss weights: >= 0, not all 0; none: 1 each) or --reward_weights (none: 1/K each) as
+    numbers, one per attribute."""
+    if text is None:
+        return [1.0] * len(names) if option_name == "attribute_weights" else [1.0 / len(names)] * len(names)
+    try:
+        values = [float(value) for value in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(names) or not all(math.isfinite(v) for v in values):
+        raise ValueError(
+            f"--{option_name} must be {len(names)} comma-separated numbers, one per attribute ({', '.join(names)}), "
+            f"got {text!r}."
+        )
+    if option_name == "attribute_weights" and (any(v < 0 for v in values) or not sum(values)):
+        raise ValueError(f"--attribute_weights must be >= 0 and not all 0, got {text!r}.")
+    return values
 
 
 @dataclass

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from rmtorch.batching import pack_groups, pad_sequences
-from rmtorch.files import PairDataError, write_json, write_jsonl
+from rmtorch.config import run_config
+from rmtorch.files import PairDataError, Rows, write_json, write_jsonl
 from rmtorch.formatting import bos_to_keep, common_prefix_length, cut_prompt, prompt_ids, tokenize_response
 from rmtorch.pairs import ColumnSet, RowCounts, _check_text, _is_messages, _kind, as_rows, check_messages
 
@@ -88,11 +89,28 @@ def validate_rating(row: dict, where: str, attributes: Sequence[str]) -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             got = "nothing (the column is missing)" if name not in row else f"{_kind(value)} {value!r:.40}"
             raise PairDataError(
-                f"{where}, field '{name}': the rating must be a finite number, got {got}. Fix the row or leave the "
-                "attribute out of --attributes."
+                f"{where}, field '{name}': the rating must be a finite number, got {got}. Fix the row (or, to train "
+                "without it, leave the attribute out of --attributes)."
             )
         targets.append(float(value))
     return {"prompt": prompt, "response": response, "targets": targets}
+
+
+def check_rating_rows(rows: Rows, attributes: Sequence[str], on_bad_row: str = "error") -> None:
+    """Check rated rows before a model loads: every attribute needs its column whatever on_bad_row says (without it
+    every row would be skipped), and with on_bad_row 'error' every row must pass `validate_rating`. tokenize_ratings
+    checks them again and counts what 'skip' leaves out."""
+    columns = rows.column_names
+    for name in attributes:
+        if name not in columns:
+            where = rows.where(0) if len(rows) else rows.source
+            raise PairDataError(
+                f"{where}, field '{name}': the file has no '{name}' column, and the model rates "
+                f"{', '.join(attributes)}, one column each. Add each row's '{name}' rating."
+            )
+    if on_bad_row == "error":
+        for index, row in enumerate(rows):
+            validate_rating(row, rows.where(index), attributes)
 
 
 def tokenize_ratings(
@@ -235,6 +253,21 @@ def describe_attributes(
         config.rmtorch_attribute_mean, config.rmtorch_attribute_std = list(mean), list(std)
 
 
+def saved_target_scale(config, attributes: Sequence[str], model: str) -> tuple[list[float], list[float]]:
+    """(mean, std) per attribute of the targets a rating model trained on, as `describe_attributes` saved them in its
+    config ((0, 1) when not normalized): the loss on other rows divides by this std, as training's did. ValueError
+    when the model's outputs are not `attributes`, in that order."""
+    saved = getattr(config, "rmtorch_reward_weights", None) is not None  # a rating model: its outputs are named
+    names = [config.id2label[i] for i in range(config.num_labels)] if saved else None
+    if config.num_labels != len(attributes) or (names is not None and names != list(attributes)):
+        outputs = ", ".join(names) if names else f"{config.num_labels} unnamed output(s)"
+        fix = f"give --attributes {','.join(names)}" if names else "give one attribute per output"
+        raise ValueError(f"{model} rates {outputs}, but --attributes names {', '.join(attributes)}: {fix}.")
+    mean = getattr(config, "rmtorch_attribute_mean", None) or [0.0] * len(attributes)
+    std = getattr(config, "rmtorch_attribute_std", None) or [1.0] * len(attributes)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
 # --------------------------------------------------------------------------------------------------- report
 
 
@@ -266,6 +299,30 @@ def rating_report(ratings: RatingSet, predictions: torch.Tensor, weights: Sequen
         for row, p, t in zip(ratings["row"], predictions.tolist(), targets.tolist())
     ]
     return report, scores
+
+
+def format_rating_report(report: dict) -> str:
+    """The rating report as console lines (evaluate.py; training prints the same RMSEs)."""
+    names = [key.removeprefix("rmse_") for key in report if key.startswith("rmse_")]
+    width = max(len(name) for name in [*names, "mean"])
+    lines = [f"ratings: {report['num_rows']} rows"]
+    for name in names:
+        lines.append(f"{name:<{width}}  rmse {report[f'rmse_{name}']:.4f}  pearson {_r(report[f'pearson_{name}'])}")
+    lines.append(f"{'mean':<{width}}  rmse {report['rmse']:.4f}  pearson {_r(report['pearson'])}")
+    lines.append(f"loss {report['loss']:.4f}")
+    return "\n".join(lines)
+
+
+def _r(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"  # Pearson's r is None when one side is constant
+
+
+def run_rating_options(model: str | None) -> dict:
+    """{"objective", "attributes", "attribute_weights"} as a train.py run used them (MODEL/config.yaml), those it
+    recorded; empty for anything that is not a run directory. evaluate.py takes its rating defaults here."""
+    loaded = run_config(model)
+    names = ("objective", "attributes", "attribute_weights")
+    return {k: loaded[k] for k in names if isinstance(loaded.get(k), str) and loaded[k]}
 
 
 def write_rating_report(report: dict, scores: list[dict], report_dir: str | Path) -> None:

@@ -299,7 +299,8 @@ class RewardScorer:
                 lengths[row] = 0  # its prompt was cut: nothing to share
         rewards, attributes = self.score_ids(sequences, lengths), None
         if self.reward_weights is not None:  # a rating model: the reward is the weighted sum of its attributes
-            attributes, rewards = rewards, weighted_reward(rewards, self.reward_weights)
+            attributes = rewards.view(len(sequences), -1)  # (N, K), K = 1 included
+            rewards = weighted_reward(attributes, self.reward_weights)
         nonfinite = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
         if nonfinite:  # TRL's GRPO treats NaN as a missing reward; say so rather than let it pass unseen
             logger.warning("Rows %s got a non-finite reward from the model (NaN or inf).", nonfinite[:10])

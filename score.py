@@ -105,6 +105,8 @@ def score_rows(
         key = "reward" if layout == "completion" else f"{name}_reward"
         for i, (out, reward) in enumerate(zip(outputs, details.rewards.tolist())):
             out[key] = reward
+            if details.attributes is not None:  # a rating model: its attributes by name, beside the reward
+                out[f"{key}_attributes"] = dict(zip(scorer.attribute_names, details.attributes[i].tolist()))
             flags = [flag for flag in FLAGS if getattr(details, flag)[i]]
             if flags:
                 out[f"{key}_flags"] = flags

@@ -138,6 +138,10 @@ class RewardScorer:
         self.bos_id = bos_to_keep(tokenizer)  # a cut from the left keeps it
         self.dropped_text = dropped_text
         self.reward_weights = rating_weights(self.config)
+        # a rating model's attributes by name, in the order of its outputs (config.id2label); None otherwise
+        self.attribute_names = None
+        if self.reward_weights is not None:
+            self.attribute_names = [self.config.id2label[k] for k in range(len(self.reward_weights))]
 
     @classmethod
     def from_pretrained(

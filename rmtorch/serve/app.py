@@ -551,6 +551,9 @@ async def score(body: ScoreRequest, request: Request) -> JSONResponse:
             "unclosed_think": split.unclosed_think.tolist(),
             "dropped_text": split.dropped_text.tolist(),
         }
+        if scored.attributes is not None:  # a rating model: its attributes by name, per row
+            names = serve.scorer.attribute_names
+            answer["details"]["attributes"] = [dict(zip(names, row)) for row in scored.attributes]
     return JSONResponse(answer)
 
 

@@ -53,6 +53,7 @@ class Scored:
     rewards: list[float]  # raw rewards
     num_tokens: list[int]  # tokens scored (after truncation)
     truncated: list[bool]  # longer than max_length: the start was cut
+    attributes: list[list[float]] | None = None  # a rating model's attribute values per row (else None)
 
 
 @dataclass(eq=False)  # jobs are compared by identity (deque.remove)
@@ -242,9 +243,11 @@ class Batcher:
         start = 0
         for job in jobs:
             end = start + len(job.sequences)
+            attributes = None if details.attributes is None else details.attributes[start:end].tolist()
             job.resolve(
                 Scored(
-                    details.rewards[start:end].tolist(), num_tokens[start:end], details.truncated[start:end].tolist()
+                    details.rewards[start:end].tolist(), num_tokens[start:end], details.truncated[start:end].tolist(),
+                    attributes,
                 )
-            )
+            )  # fmt: skip
             start = end

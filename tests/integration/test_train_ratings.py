@@ -169,3 +169,27 @@ def test_evaluate_refuses_a_file_missing_an_attribute_column(rating_run, tmp_pat
                                             r"'verbosity' column.* Add each row's 'verbosity' rating\."):  # fmt: skip
         evaluate.main(["--model", str(rating_run["dir"]), "--data", str(data), "--report", str(tmp_path / "report")])
     assert not (tmp_path / "report").exists()
+
+
+def test_score_py_and_the_server_give_the_attributes_by_name(rating_run, tmp_path):
+    """score.py writes each row's attributes beside its reward, and /score's details hold them per row: the values
+    RewardScorer gives, under the names the model's config holds."""
+    import httpx
+
+    import score
+    from tests.integration.test_serve import serving
+
+    scorer = RewardScorer.from_pretrained(str(rating_run["dir"]), autocast_dtype=None)
+    prompts, completions = ["the sky is", "what color"], [" blue good", " red a bad"]
+    expected = scorer(prompts, completions, return_details=True)
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)])
+    score.main(["--model", str(rating_run["dir"]), "--input", str(rows), "--output", str(tmp_path / "out.jsonl")])
+    written = read_jsonl(tmp_path / "out.jsonl")
+    with serving(scorer) as live:
+        answer = httpx.post(live.url + "/score", json={"prompts": prompts, "completions": completions,
+                                                       "return_details": True}, timeout=60).json()  # fmt: skip
+    for i, row in enumerate(written):
+        by_name = dict(zip(["helpfulness", "verbosity"], expected.attributes[i].tolist()))
+        assert row["reward_attributes"] == pytest.approx(by_name, abs=1e-5)
+        assert answer["details"]["attributes"][i] == pytest.approx(by_name, abs=1e-5)
+        assert row["reward"] == pytest.approx(expected.rewards[i].item(), abs=1e-5)

@@ -62,7 +62,9 @@ class RecordingScorer:
     def score_tokens(self, sequences, prompt_lengths=None):
         self.batches.append(sequences)
         lengths = torch.tensor([len(ids) for ids in sequences])
-        return SimpleNamespace(rewards=lengths.float(), num_tokens=lengths, truncated=torch.zeros_like(lengths).bool())
+        return SimpleNamespace(
+            rewards=lengths.float(), num_tokens=lengths, truncated=torch.zeros_like(lengths).bool(), attributes=None
+        )
 
 
 def run_queue(scorer, requests: list[list[list[int]]], max_queue_tokens: int = 1000):

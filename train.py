@@ -301,7 +301,7 @@ def optimizer_steps(train_loader, state: dict, cfg: TrainConfig, accelerator: Ac
         state["epoch"], state["batches_done_in_epoch"] = state["epoch"] + 1, 0
 
 
-def batch_loss(reward_model, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, ...]:
+def batch_loss(reward_model, batch: dict, cfg: TrainConfig, accelerator: Accelerator) -> tuple[torch.Tensor, ...]:
     """A micro-batch's loss and the (chosen, rejected) rewards the step's numbers count. Pairs: chosen and rejected in
     one forward, TRL's pairwise loss (or a group or tie loss over every ordered pair), plus the length penalty when
     asked. Steps (a process reward model): one logit per step read at its separator; "accuracy" is then step
@@ -311,7 +311,8 @@ def batch_loss(reward_model, batch: dict, cfg: TrainConfig) -> tuple[torch.Tenso
     if cfg.objective == "steps":
         step_rewards = reward_model(**step_model_inputs(batch))  # (K,) steps of the micro-batch
         kind, labels = batch["label_kind"], batch["step_labels"]
-        loss = step_loss(step_rewards, labels, batch["step_trained"], kind)
+        # Each process's mean weighed by its share of the steps: the mean over all the micro-batch's steps.
+        loss = step_loss(step_rewards, labels, batch["step_trained"], kind) * step_share(batch, accelerator)
         signed = torch.where(step_correct(step_rewards, labels, kind), 1.0, -1.0) * step_rewards.abs()
         return loss, signed, torch.zeros_like(signed)
     if cfg.objective == "regression":
@@ -333,6 +334,16 @@ def batch_loss(reward_model, batch: dict, cfg: TrainConfig) -> tuple[torch.Tenso
     return loss, chosen, rejected
 
 
+def step_share(batch: dict, accelerator: Accelerator) -> torch.Tensor | float:
+    """P * n / N: this process's trained steps n over the mean of the P processes' (N in all). Data parallelism
+    averages the processes' gradients, and rows have different numbers of steps: without this weight P processes
+    would train on the mean of their means, not on the mean over every step of the global micro-batch (1 process)."""
+    if accelerator.num_processes == 1:
+        return 1.0
+    count = batch["step_trained"].sum().float()
+    return accelerator.num_processes * count / accelerator.reduce(count, reduction="sum")
+
+
 def train_step(
     reward_model, micro_batches, window: int, optimizer, accelerator: Accelerator, cfg: TrainConfig
 ) -> dict:
@@ -344,7 +355,7 @@ def train_step(
     with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
         for batch in micro_batches:
             with accelerator.accumulate(reward_model):
-                loss, chosen, rejected = batch_loss(reward_model, batch, cfg)
+                loss, chosen, rejected = batch_loss(reward_model, batch, cfg, accelerator)
                 # Accelerate divides by grad_accum; a short last step of an epoch takes the mean of its own (TRL).
                 accelerator.backward(loss * (cfg.grad_accum / window))
                 stats.add(loss.detach(), chosen.detach(), rejected.detach(), batch["attention_mask"].sum())

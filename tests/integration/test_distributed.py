@@ -1,7 +1,8 @@
 """Two processes equal one under DDP: `accelerate launch --config_file configs/ddp.yaml` (the README's command) with
 2 CPU processes (gloo) and the same global batch and seed gives the 1-process weights within fp32 tolerance, takes
 the same steps, and gathers the eval set without duplicated rows. So do a process reward model (`--objective steps`,
-rows of different numbers of steps) and groups of different sizes (`--loss listwise`).
+rows of different numbers of steps) and groups of different sizes (`--loss listwise`); the step objective under
+FSDP2 too.
 """
 
 from __future__ import annotations
@@ -116,3 +117,15 @@ def test_steps_and_groups_train_in_two_ddp_processes_as_in_one(objective_data, t
     else:  # every held-out group once, each with all its ordered pairs
         assert results["num_groups"] == len(held_out)
         assert results["num_pairs"] == sum(len(row["scores"]) * (len(row["scores"]) - 1) // 2 for row in held_out)
+
+
+@pytest.mark.slow
+def test_steps_train_under_fsdp2_as_in_one_process(objective_data, tmp_path):
+    """The step objective under FSDP2 (configs/fsdp2_cpu.yaml, 2 processes): each process's share of the steps
+    weighs its loss before FSDP averages the gradients, as under DDP."""
+    data, flags = objective_data["steps"], ("--objective", "steps", "--step_separator", ".")
+    one, two = tmp_path / "one_process", tmp_path / "fsdp"
+    train_in_process(launch_options(data, one, 4, *OBJECTIVE_STEPS, *flags))
+    launch("fsdp2_cpu.yaml", launch_options(data, two, 2, *OBJECTIVE_STEPS, *flags))
+    assert_same_weights(one, two, atol=1e-5)
+    assert_same_objective_run(one, two)

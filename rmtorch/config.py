@@ -607,6 +607,13 @@ def run_config(model: str | None) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
+def run_text_options(model: str | None, names: tuple[str, ...]) -> dict:
+    """Those of the text options `names` a train.py run recorded (MODEL/config.yaml) and set; empty for anything that
+    is not a run directory."""
+    loaded = run_config(model)
+    return {k: loaded[k] for k in names if isinstance(loaded.get(k), str) and loaded[k]}
+
+
 def trained_defaults(model: str | None, cls: type[Options] = ScoringOptions) -> dict:
     """The options a train.py run used (MODEL/config.yaml) that `cls` shares, so a model is evaluated and scored
     the way it was trained. Empty for anything that is not a run directory."""

@@ -37,15 +37,9 @@ class GroupReport(TokenizeReport):
     responses_out: int = 0
 
     def summary(self) -> str:
-        text = f"{self.groups_out}/{self.rows_in} groups kept ({self.responses_out} responses, {self.pairs_out} pairs)"
-        if self.dropped_too_long:
-            text += f", {self.dropped_too_long} dropped as longer than max_length"
-        if self.truncated:
-            cut = self.truncated_prompt_tokens
-            text += f", {self.truncated} truncated from the left (keep_end, {cut} prompt tokens cut)"
-        if self.skipped_bad:
-            text += f", {self.skipped_bad} bad rows skipped"
-        return text
+        kept = f"{self.groups_out}/{self.rows_in} groups kept ({self.responses_out} responses, {self.pairs_out} pairs)"
+        cut = f"truncated from the left (keep_end, {self.truncated_prompt_tokens} prompt tokens cut)"
+        return self.counts_summary(kept, cut)
 
 
 class GroupSet(ColumnSet):

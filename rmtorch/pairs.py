@@ -44,6 +44,20 @@ class RowCounts:
         if len(self.bad_rows) < MAX_BAD_ROW_MESSAGES:
             self.bad_rows.append(message)
 
+    def counts_summary(self, kept: str, cut: str = "truncated from the left (keep_end)") -> str:
+        """`kept`, then the rows dropped as too long, cut (`cut` says how) and skipped as bad, those that happened."""
+        text = kept
+        if self.dropped_too_long:
+            text += f", {self.dropped_too_long} dropped as longer than max_length"
+        if self.truncated:
+            text += f", {self.truncated} {cut}"
+        if self.skipped_bad:
+            text += f", {self.skipped_bad} bad rows skipped"
+        return text
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 @dataclass(kw_only=True)
 class TokenizeReport(RowCounts):
@@ -54,20 +68,8 @@ class TokenizeReport(RowCounts):
     truncated_within_turn: int = 0  # conversations whose cut fell inside a turn (no whole turn was short enough)
 
     def summary(self) -> str:
-        text = f"{self.pairs_out}/{self.rows_in} pairs kept"
-        if self.dropped_too_long:
-            text += f", {self.dropped_too_long} dropped as longer than max_length"
-        if self.truncated:
-            text += (
-                f", {self.truncated} truncated from the left (keep_end, {self.truncated_prompt_tokens} prompt "
-                "tokens cut)"
-            )
-        if self.skipped_bad:
-            text += f", {self.skipped_bad} bad rows skipped"
-        return text
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        cut = f"truncated from the left (keep_end, {self.truncated_prompt_tokens} prompt tokens cut)"
+        return self.counts_summary(f"{self.pairs_out}/{self.rows_in} pairs kept", cut)
 
 
 class ColumnSet(torch.utils.data.Dataset):

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from rmtorch.batching import pack_groups, pad_sequences
-from rmtorch.config import run_config
+from rmtorch.config import run_text_options
 from rmtorch.files import PairDataError, Rows, write_json, write_jsonl
 from rmtorch.formatting import bos_to_keep, common_prefix_length, cut_prompt, prompt_ids, tokenize_response
 from rmtorch.pairs import ColumnSet, RowCounts, _check_text, _is_messages, _kind, as_rows, check_messages
@@ -32,17 +32,7 @@ class RatingReport(RowCounts):
     ratings_out: int = 0
 
     def summary(self) -> str:
-        text = f"{self.ratings_out}/{self.rows_in} rated responses kept"
-        if self.dropped_too_long:
-            text += f", {self.dropped_too_long} dropped as longer than max_length"
-        if self.truncated:
-            text += f", {self.truncated} truncated from the left (keep_end)"
-        if self.skipped_bad:
-            text += f", {self.skipped_bad} bad rows skipped"
-        return text
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return self.counts_summary(f"{self.ratings_out}/{self.rows_in} rated responses kept")
 
 
 class RatingSet(ColumnSet):
@@ -320,9 +310,7 @@ def _r(value: float | None) -> str:
 def run_rating_options(model: str | None) -> dict:
     """{"objective", "attributes", "attribute_weights"} as a train.py run used them (MODEL/config.yaml), those it
     recorded; empty for anything that is not a run directory. evaluate.py takes its rating defaults here."""
-    loaded = run_config(model)
-    names = ("objective", "attributes", "attribute_weights")
-    return {k: loaded[k] for k in names if isinstance(loaded.get(k), str) and loaded[k]}
+    return run_text_options(model, ("objective", "attributes", "attribute_weights"))
 
 
 def write_rating_report(report: dict, scores: list[dict], report_dir: str | Path) -> None:

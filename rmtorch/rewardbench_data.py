@@ -29,14 +29,9 @@ class DataReport(RowCounts):
     rows_scored: int = 0
 
     def summary(self) -> str:
-        text = f"{self.rows_scored}/{self.rows_in} rows scored"
-        if self.dropped_too_long:
-            text += f", {self.dropped_too_long} dropped as longer than max_length"
-        if self.truncated:
-            text += f", {self.truncated} with their prompt cut from the left (keep_end)"
-        if self.skipped_bad:
-            text += f", {self.skipped_bad} bad rows skipped"
-        return text
+        return self.counts_summary(
+            f"{self.rows_scored}/{self.rows_in} rows scored", "with their prompt cut from the left (keep_end)"
+        )
 
 
 def _other(benchmark: str) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rmtorch.batching import micro_batches, pack_groups, pad_sequences
-from rmtorch.config import run_config
+from rmtorch.config import run_text_options
 from rmtorch.files import PairDataError, Rows, write_json, write_jsonl
 from rmtorch.pairs import ColumnSet, RowCounts, _kind, as_rows
 
@@ -150,16 +150,10 @@ class StepReport(RowCounts):
     steps_out: int = 0
     label_kind: str = "binary"  # "binary" (true/false: BCE) or "number" (squared error)
 
-    def summary(self) -> str:
-        text = f"{self.rows_out}/{self.rows_in} rows kept ({self.steps_out} labelled steps, {self.label_kind})"
-        if self.dropped_too_long:
-            text += f", {self.dropped_too_long} dropped as longer than max_length"
-        if self.skipped_bad:
-            text += f", {self.skipped_bad} bad rows skipped"
-        return text
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def summary(self) -> str:  # step rows are dropped, never cut: `truncated` stays 0
+        return self.counts_summary(
+            f"{self.rows_out}/{self.rows_in} rows kept ({self.steps_out} labelled steps, {self.label_kind})"
+        )
 
 
 class StepSet(ColumnSet):
@@ -468,8 +462,7 @@ def format_step_report(report: dict) -> str:
 def run_step_options(model: str | None) -> dict:
     """{"objective", "step_separator"} as a train.py run used them (MODEL/config.yaml), those it recorded; empty for
     anything that is not a run directory. evaluate.py, score.py and rmtorch.serve take their step defaults here."""
-    loaded = run_config(model)
-    return {k: loaded[k] for k in ("objective", "step_separator") if isinstance(loaded.get(k), str) and loaded[k]}
+    return run_text_options(model, ("objective", "step_separator"))
 
 
 def write_step_report(report: dict, scores: list[dict], report_dir: str | Path) -> None:

@@ -40,11 +40,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -65,6 +63,7 @@ from benchlib import RESULTS_FILE, run_benchmark, write_results
 from fastapi import FastAPI, Request  # at module level: the handlers' annotations are resolved here
 from fastapi.responses import JSONResponse
 from machine import cpu_description, cpu_info
+from vllm_engine import stop_process_group  # imports nothing of vLLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -131,14 +130,7 @@ class ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
+        stop_process_group(self.process)
 
 
 def saved_model(name: str, directory: Path, seed: int):

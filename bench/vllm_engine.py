@@ -70,6 +70,24 @@ def server_command(model: str | Path, port: int, extra: Sequence[str] = ()) -> l
     ]  # fmt: skip
 
 
+def stop_process_group(process: subprocess.Popen) -> None:
+    """End a server started with start_new_session=True: SIGTERM to its group (a server answers what is in flight,
+    vLLM's API server shuts its engine down), then SIGKILL to whatever of the group is left after a few seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=60)
+    deadline = time.monotonic() + 15
+    try:
+        while time.monotonic() < deadline:  # vLLM's engine processes outlive the API server by a few seconds
+            os.killpg(process.pid, 0)
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group is gone
+    process.wait()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -119,20 +137,7 @@ class VllmServer:
         self.log.close()
 
     def stop(self) -> None:
-        """SIGTERM to the group (the API server shuts its engine down), then SIGKILL to whatever of it is left."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=60)
-        deadline = time.monotonic() + 15
-        try:
-            while time.monotonic() < deadline:  # the engine processes outlive the API server by a few seconds
-                os.killpg(self.process.pid, 0)
-                time.sleep(0.5)
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # the whole group is gone
-        self.process.wait()
+        stop_process_group(self.process)
 
     def tail(self, chars: int = 4000) -> str:
         """The end of the server's log (stdout and stderr)."""

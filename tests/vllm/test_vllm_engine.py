@@ -10,8 +10,6 @@ venv and start that venv's Python. The server test starts vLLM once (about 60 s 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -20,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from bench.vllm_engine import REPO_ROOT, VENV_PYTHON, free_port, unavailable, vllm_env
+from bench.vllm_engine import REPO_ROOT, VENV_PYTHON, free_port, stop_process_group, unavailable, vllm_env
 from rmtorch.engines import VllmEngine
 from rmtorch.formatting import chat_text
 from rmtorch.score import RewardScorer
@@ -89,13 +87,7 @@ def rmtorch_server(model, *options: str):
                 time.sleep(1)
             yield url
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)  # uvicorn answers what is in flight, then vLLM shuts down
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=60)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # whatever of vLLM's engine is left
-            process.wait()
+            stop_process_group(process)  # uvicorn answers what is in flight, then vLLM's engine shuts down
 
 
 def test_served_by_vllm_engine_as_by_torch_engine(runs, rows, torch_scorer):

@@ -28,6 +28,7 @@ from tests.conftest import (
     launch_options,
     train_records,
 )
+from tests.integration.conftest import OBJECTIVES, launch_objective
 
 pytest.importorskip("deepspeed", reason="pip install deepspeed (CPU works: the tests run it on gloo)")
 
@@ -120,3 +121,10 @@ def test_a_nonfinite_step_under_deepspeed_is_logged_as_applied_not_skipped(launc
     steps = train_records(output_dir)
     assert [line["step"] for line in steps] == [1, 2, 3, 4, 5]
     assert not any(line["skipped"] for line in steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_every_objective_trains_under_zero2_as_in_one_process(objective_runs, tmp_path, objective):
+    """Steps, groups and ratings under ZeRO-2: DeepSpeed's engine scales and reduces the gradients itself."""
+    launch_objective("deepspeed_zero2.yaml", objective, objective_runs, tmp_path / "zero2")

@@ -56,7 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     rows = [json.loads(line) for line in DATA.read_text().splitlines()]
-    rows = [r for r in rows if max(len(r["answer"].split()), len(r["base_model_response"].split())) <= args.max_words]
+    # Both answers short enough to train on, and not empty (some base answers are).
+    lengths = lambda r: (len(r["answer"].split()), len(r["base_model_response"].split()))  # noqa: E731
+    rows = [r for r in rows if 0 < min(lengths(r)) and max(lengths(r)) <= args.max_words]
     rng.shuffle(rows)
     # Held out: a share of the untied questions (the few that test correctness) and a number of the tied ones.
     untied = [r for r in rows if bool(r["is_correct"]) != base_is_right(r)]

@@ -3,9 +3,7 @@
 A full fine-tune and a LoRA run merged by merge_lora.py, each served by the command docs/serve.md documents
 (`bench.vllm_engine.server_command`), give RewardScorer's fp32 rewards within 1e-4 through `/classify` with
 `"use_activation": false`, on real GSM8K rows in training's format: sent as training's token ids, and as the
-chat-template texts verl sends (which vLLM must tokenize into those same ids). A rating model (`--objective
-regression`, two attributes, normalized targets) answers its K outputs, which the config's scale and weights turn
-into RewardScorer's attributes and reward.
+chat-template texts verl sends (which vLLM must tokenize into those same ids).
 
 vLLM runs from .venv-vllm (tests/vllm/setup_venv.sh; CI creates it); these tests run from the main venv and skip
 with the reason when it is absent. One server per model, shared by that model's tests: startup takes about 90 s on
@@ -14,8 +12,6 @@ with the reason when it is absent. One server per model, shared by that model's 
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 import torch
@@ -23,8 +19,7 @@ import torch
 from bench.vllm_engine import SERVED_NAME, VllmServer, unavailable
 from rmtorch.formatting import chat_text, tokenize_response
 from rmtorch.score import RewardScorer
-from tests.conftest import train_argv, train_in_process, write_jsonl
-from tests.vllm.conftest import SCORED, THINK_TOKENS, conversation, save_base_model
+from tests.vllm.conftest import SCORED, conversation
 
 pytestmark = [
     pytest.mark.vllm,
@@ -79,48 +74,3 @@ def test_vllm_scores_chat_texts_as_training_ids(served, gsm8k_rows):
     # Without use_activation false, vLLM answers the reward's sigmoid.
     sigmoid = classify(url, {"input": texts[0], "add_special_tokens": False})["data"][-1]["probs"][-1]
     assert sigmoid == pytest.approx(torch.sigmoid(rewards[0]).item(), abs=1e-5)
-
-
-@pytest.fixture(scope="module")
-def rating_run(tmp_path_factory, smol_tokenizer, gsm8k_rows):
-    """A rating model trained on GSM8K answers: whether the answer is right, and its length in words (normalized
-    targets, so the head predicts standardized attributes that the config's mean and std turn back)."""
-    import copy
-
-    from accelerate.state import AcceleratorState
-
-    root = tmp_path_factory.mktemp("vllm_ratings")
-    tokenizer = copy.deepcopy(smol_tokenizer)
-    tokenizer.add_tokens(THINK_TOKENS, special_tokens=True)
-    base = save_base_model(root / "base", tokenizer)
-    rows = []
-    for row in gsm8k_rows[SCORED : SCORED + 16]:
-        prompt, response = conversation(row)
-        rows.append({"prompt": prompt, "response": response, "correct": float(row["is_correct"]),
-                     "words": float(len(row["answer"].split()))})  # fmt: skip
-    data = write_jsonl(root / "ratings.jsonl", rows)
-    options = ("--objective", "regression", "--attributes", "correct,words", "--reward_weights", "1.0,-0.01",
-               "--normalize_targets", "true", "--max_length", "1024", "--lr", "1e-3")  # fmt: skip
-    train_in_process(train_argv(base, data, root / "run", *options))
-    AcceleratorState._reset_state(reset_partial_state=True)
-    return root / "run"
-
-
-def test_vllm_classify_serves_a_rating_models_attributes(rating_run, gsm8k_rows):
-    """vLLM answers the head's K raw outputs (standardized here); times the saved std plus the saved mean they are
-    RewardScorer's attributes, and their weighted sum its reward."""
-    scorer = RewardScorer.from_pretrained(str(rating_run), autocast_dtype=None)
-    prompts, completions = zip(*(conversation(row) for row in gsm8k_rows[:SCORED]))
-    ids = [tokenize_response(scorer.tokenizer, p, c) for p, c in zip(prompts, completions)]
-    details = scorer(list(prompts), list(completions), return_details=True)
-    config = json.loads((rating_run / "config.json").read_text())
-    mean, std = torch.tensor(config["rmtorch_attribute_mean"]), torch.tensor(config["rmtorch_attribute_std"])
-    with VllmServer(rating_run) as server:
-        answer = classify(server.url, {"input": ids, "use_activation": False})
-    raw = torch.tensor([d["probs"] for d in answer["data"]])
-    assert raw.shape == (SCORED, 2)
-    assert raw[:, 1].std() > 0.01, "the rows' predicted lengths must differ for the comparison to mean anything"
-    torch.testing.assert_close(raw, (details.attributes - mean) / std, atol=1e-4, rtol=0)  # in the head's units
-    attributes = raw * std + mean
-    torch.testing.assert_close(attributes @ torch.tensor(config["rmtorch_reward_weights"]), details.rewards,
-                               atol=1e-4, rtol=0)  # fmt: skip

@@ -289,10 +289,10 @@ class TrainConfig(BatchOptions, DataOptions, ModelOptions):
                                  "--objective regression.")  # fmt: skip
             return
         names = attribute_list(self.attributes)
-        if self.loss != "pairwise" or self.tie_nu is not None or self.length_penalty or self.lora:
+        if self.loss != "pairwise" or self.tie_nu is not None or self.length_penalty:
             raise ValueError(
-                "--objective regression trains one loss (MSE) in full: leave --loss pairwise, --tie_nu none, "
-                "--length_penalty 0 and --lora false."
+                "--objective regression trains one loss (MSE): leave --loss pairwise, --tie_nu none and "
+                "--length_penalty 0."
             )
         for option_name in ("attribute_weights", "reward_weights"):
             attribute_values(getattr(self, option_name), names, option_name)

@@ -23,9 +23,11 @@ from torch import nn
 
 SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-ADAPTER_INFO_FILE = (
-    "rmtorch_adapter.json"  # how the base was loaded for training: {"load_in_4bit", "bnb_4bit_compute_dtype"}
-)
+# How the base was loaded for training ({"load_in_4bit", "bnb_4bit_compute_dtype"}) and, for a rating model, its
+# head: "head" holds the config keys that name and scale its K outputs (RATING_HEAD_KEYS), which the base lacks.
+ADAPTER_INFO_FILE = "rmtorch_adapter.json"
+RATING_HEAD_KEYS = ("id2label", "label2id", "problem_type", "rmtorch_reward_weights", "rmtorch_attribute_mean",
+                    "rmtorch_attribute_std")  # fmt: skip
 BASE_WEIGHTS = ("trained", "dequantized", "original")
 
 
@@ -174,7 +176,10 @@ def load_reward_model(
     options = dict(dtype=dtype, trust_remote_code=trust_remote_code, device_map=device_map)
     if (Path(path) / "adapter_config.json").exists():
         if num_labels not in (None, 1):
-            raise ValueError(f"{path} is a LoRA adapter: rating models with num_labels={num_labels} train in full.")
+            raise ValueError(
+                f"{path} is a LoRA adapter: a new head of {num_labels} outputs goes on a full model. Merge the "
+                "adapter first (merge_lora.py) and train from the merged directory."
+            )
         return _load_adapter(Path(path), tokenizer, quantization_config, base_weights, **options)
     if base_weights != "trained":
         raise ValueError(
@@ -237,14 +242,18 @@ def _load_adapter(adapter_dir: Path, tokenizer, quantization_config, base_weight
         quantization_config = quantization_config_4bit(getattr(torch, info.get("bnb_4bit_compute_dtype", "bfloat16")))
     if tokenizer is None and (adapter_dir / "tokenizer_config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=options["trust_remote_code"])
+    head = info.get("head", {})  # a rating model's K outputs: the base gets a head of that many, then their names
     try:
         base_path = resolve_model_path(base_name)
         check_safetensors_checkpoint(base_path)
-        base, tokenizer = _load_model(base_path, tokenizer, quantization_config, **options)
+        num_labels = len(head["id2label"]) if head else None
+        base, tokenizer = _load_model(base_path, tokenizer, quantization_config, num_labels=num_labels, **options)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"The adapter in {adapter_dir} was trained on {base_name!r}, which cannot be loaded here: {err}"
         ) from None
+    for key, value in head.items():
+        setattr(base.config, key, {int(i): name for i, name in value.items()} if key == "id2label" else value)
     if base_weights == "dequantized" and quantization_config is not None:
         base = base.dequantize(dtype=options["dtype"])
     return PeftModel.from_pretrained(base, adapter_dir), tokenizer

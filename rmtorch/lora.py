@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rmtorch.loading import ADAPTER_INFO_FILE, adapter_base, load_reward_model
+from rmtorch.loading import ADAPTER_INFO_FILE, RATING_HEAD_KEYS, adapter_base, load_reward_model
 from rmtorch.model import score_head
 from rmtorch.outputs import check_output_dir, write_marker
 
@@ -95,6 +95,9 @@ def save_adapter(
             "load_in_4bit": compute_dtype is not None,
             "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch.") if compute_dtype else None,
         }
+        config = model.get_base_model().config
+        if getattr(config, "rmtorch_reward_weights", None) is not None:  # a rating model: what names its outputs
+            info["head"] = {key: getattr(config, key) for key in RATING_HEAD_KEYS if hasattr(config, key)}
         (output_dir / ADAPTER_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return output_dir
 

@@ -193,3 +193,39 @@ def test_score_py_and_the_server_give_the_attributes_by_name(rating_run, tmp_pat
         assert row["reward_attributes"] == pytest.approx(by_name, abs=1e-5)
         assert answer["details"]["attributes"][i] == pytest.approx(by_name, abs=1e-5)
         assert row["reward"] == pytest.approx(expected.rewards[i].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "extra"),
+    [("padded", ("--packing", "false")), ("lora", ("--lora", "--lora_r", "4")),
+     ("qlora", ("--lora", "--lora_r", "4", "--load_in_4bit"))],
+    ids=["padded", "lora", "qlora"],
+)  # fmt: skip
+def test_ratings_train_padded_with_lora_and_qlora_and_evaluate_as_trained(name, extra, tiny_model_dir, tmp_path):
+    """As pairs do: padded batches and LoRA (whose adapters start at zero) take the packed full run's first step; a
+    LoRA or QLoRA run saves an adapter with its K-output head (rmtorch_adapter.json names and scales the outputs),
+    which evaluate.py loads to the run's own report, and merge_lora.py into a plain model giving the same attributes
+    and rewards."""
+    train = write_jsonl(tmp_path / "train.jsonl", rating_rows(16))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rating_rows(8, 1))
+    options = ("--objective", "regression", "--attributes", "helpfulness,verbosity", "--batch_size", "8",
+               "--lr", "1e-2", "--normalize_targets", "true")  # fmt: skip
+    packed, run = tmp_path / "packed", tmp_path / name
+    for out, flags in ((packed, ()), (run, extra)):
+        train_in_process(train_argv(tiny_model_dir, train, out, *options, *flags, eval_file=held_out))
+    if name != "qlora":  # QLoRA's body is nf4: another first step
+        assert train_records(run)[0]["loss"] == pytest.approx(train_records(packed)[0]["loss"], rel=1e-5)
+    assert (run / "adapter_model.safetensors").exists() == (name != "padded")
+    report = evaluate.main(["--model", str(run), "--data", str(held_out), "--report", str(tmp_path / "report")])
+    assert_same_rating_report(report, tmp_path / "report", run)
+    if name != "padded":  # merged, a plain K-output model that names and scales its outputs as the adapter did
+        from rmtorch.lora import merge_adapter
+
+        merged = merge_adapter(run, tmp_path / "merged")
+        config = json.loads((merged / "config.json").read_text())
+        assert config["id2label"] == {"0": "helpfulness", "1": "verbosity"} and "rmtorch_attribute_std" in config
+        prompts, completions = ["the sky is", "what color"], [" blue good", " red a bad"]
+        adapter, plain = (RewardScorer.from_pretrained(str(d), autocast_dtype=None)(prompts, completions,
+                          return_details=True) for d in (run, merged))  # fmt: skip
+        torch.testing.assert_close(plain.attributes, adapter.attributes, atol=1e-4, rtol=0)
+        torch.testing.assert_close(plain.rewards, adapter.rewards, atol=1e-4, rtol=0)

@@ -49,7 +49,7 @@ def _margins(examples: list[dict]) -> dict:
     if "margin" in examples[0]:
         labels["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float)
     if "tie" in examples[0]:
-        labels["tie"] = torch.tensor([e["tie"] for e in examples], dtype=torch.bool)
+        labels["tie"] = torch.tensor([e["tie"] is True for e in examples], dtype=torch.bool)  # null: untied
     return labels
 
 

@@ -254,11 +254,12 @@ class GroupCollator:
 
 
 def check_ties(pairs, tie_nu: float | None) -> None:
-    """A pair set's `tie` column (kept from the file) must hold true/false, and tied pairs need a tie model."""
+    """A pair set's `tie` column (kept from the file) must hold true/false, and tied pairs need a tie model. A row
+    without it (null: JSONL rows that leave the key out) is untied, so only tied rows need to say so."""
     if "tie" not in pairs.column_names:
         return
     for row, tie in zip(pairs["row"], pairs["tie"]):
-        if not isinstance(tie, bool):
+        if tie is not None and not isinstance(tie, bool):
             raise PairDataError(f"{pairs.source}, row {row}, field 'tie': must be true or false, got {tie!r}.")
     tied = [row for row, tie in zip(pairs["row"], pairs["tie"]) if tie]
     if tied and tie_nu is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rmtorch.batching import PairCollator
 from rmtorch.files import PairDataError, read_rows
 from rmtorch.formatting import tokenize_response
 from rmtorch.group_metrics import group_report, kendall_tau_b
@@ -121,6 +122,11 @@ def test_pairs_labelled_tie_need_a_tie_model(bos_tokenizer):
     check_ties(pairs, 1.0)
     with pytest.raises(PairDataError, match=r"dataset, rows \[1\]: 1 pairs are labelled tie: true.*--tie_nu"):
         check_ties(pairs, None)
+    rows.append({"prompt": "a", "chosen": " d", "rejected": " e"})  # no tie key: untied (JSONL rows leave it out)
+    pairs = tokenize_pairs(rows, bos_tokenizer, keep_columns=["tie"])
+    check_ties(pairs, 1.0)
+    batch = PairCollator(bos_tokenizer.pad_token_id)([pairs[i] for i in range(3)])
+    assert batch["tie"].tolist() == [False, True, False]
     rows[0]["tie"] = "yes"
     with pytest.raises(PairDataError, match=r"row 0, field 'tie': must be true or false, got 'yes'"):
         check_ties(tokenize_pairs(rows, bos_tokenizer, keep_columns=["tie"]), 1.0)

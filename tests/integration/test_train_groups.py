@@ -64,12 +64,14 @@ def test_groups_train_and_report_accuracy_within_groups_and_kendall_tau(tmp_path
     assert len(lines) == 27 and {"better", "worse", "chosen_reward"} <= set(json.loads(lines[0]))
 
 
-def test_a_lora_group_run_trains(tmp_path, tiny_model_dir, data):
+@pytest.mark.parametrize("extra", [(), ("--load_in_4bit",)], ids=["lora", "qlora"])
+def test_a_lora_group_run_trains(tmp_path, tiny_model_dir, data, extra):
     results, records = run(
-        tmp_path, "lora", tiny_model_dir, data["groups"], "--loss", "listwise", "--lora", "--lora_r", "4"
+        tmp_path, "lora", tiny_model_dir, data["groups"], "--loss", "listwise", "--lora", "--lora_r", "4", *extra
     )
     assert len(records) == 3 and (tmp_path / "lora" / "adapter_model.safetensors").exists()
     assert results["num_groups"] == 9
+    assert json.loads((tmp_path / "lora" / "rmtorch_adapter.json").read_text())["load_in_4bit"] == bool(extra)
 
 
 def test_tied_pairs_train_with_a_tie_model_and_are_refused_without(tmp_path, tiny_model_dir, data):

@@ -30,7 +30,9 @@ def step_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["--packing", "false"], ["--lora", "--lr", "1e-2"]], ids=["packed", "padded", "lora"]
+    "extra",
+    [[], ["--packing", "false"], ["--lora", "--lr", "1e-2"], ["--lora", "--load_in_4bit", "--lr", "1e-2"]],
+    ids=["packed", "padded", "lora", "qlora"],
 )
 def test_steps_train_and_report(extra, step_files, tiny_model_dir, tmp_path):
     train, held_out = step_files

@@ -5,8 +5,9 @@ gold answer. bench/judged_gsm8k_eval.py compares the models trained on them.
     python bench/judged_gsm8k_data.py --out_dir /tmp/judged
 
 R1's answers carry `is_correct`; a base answer is right when its last number equals the gold answer (the same rule
-as R1's `pred`). Of the 500 questions, both answers are right in about 400 and only one is right in about 75: a
-pair whose answers are both right (or both wrong) is a tie, the others a preference for the right one. The two
+as R1's `pred`). Of the 460 questions whose answers are short enough and not empty, both answers are right in 385
+and only one in 61: a pair whose answers are both right (or both wrong) is a tie, the others a preference for the
+right one. The two
 answers differ in style as much as in content (R1's in markdown with LaTeX, the base's in "Step 1:" prose), and
 in most untied pairs R1's is the right one, so a model trained on the untied pairs alone can learn the style. The
 ties say that style is not what the label is about. Questions are split once; held-out questions are never trained

@@ -4,8 +4,8 @@ gold answer. bench/judged_gsm8k_eval.py compares the models trained on them.
 
     python bench/judged_gsm8k_data.py --out_dir /tmp/judged
 
-R1's answers carry `is_correct`; a base answer is right when its last number equals the gold answer (the same rule
-as R1's `pred`). Of the 460 questions whose answers are short enough and not empty, both answers are right in 385
+R1's answers carry `is_correct`; a base answer is right when its last number equals the gold answer (the last
+number of R1's answer is its `pred` in 457 of 491 rows). Of the 460 questions whose answers are short enough and not empty, both answers are right in 385
 and only one in 61: a pair whose answers are both right (or both wrong) is a tie, the others a preference for the
 right one. The two
 answers differ in style as much as in content (R1's in markdown with LaTeX, the base's in "Step 1:" prose), and

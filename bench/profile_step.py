@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     import train
     from rmtorch.config import TrainConfig
 
-    cfg = TrainConfig(model=args.model, packing=args.packing == "true", bf16=args.precision == "bf16", lr=1e-5)
+    cfg = TrainConfig(
+        model=args.model, packing=args.packing == "true", bf16=args.precision == "bf16", lr=1e-5, max_grad_norm=1.0
+    )
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "no")
     reward_model, tokenizer = train.build_model(cfg, accelerator)
     pairs = bench_pairs(tokenizer, args.pairs * (args.steps + 2), 512)
@@ -84,10 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
     def step():
         with torch.profiler.record_function("data"):
             batch = next(batches)
-        loss, chosen, rejected = train.train_step(reward_model, batch, accelerator, cfg, cfg.grad_accum)
-        accelerator.clip_grad_norm_(reward_model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+        # train.py's own step: forward, loss and backward under one autocast region, clipping, the update.
+        train.train_step(reward_model, [batch], 1, optimizer, accelerator, cfg)
         return int(batch["attention_mask"].sum())
 
     for _ in range(2):  # warm-up: allocator, kernels, the attention precision choice

@@ -4,14 +4,14 @@ gold answer. bench/judged_gsm8k_eval.py compares the models trained on them.
 
     python bench/judged_gsm8k_data.py --out_dir /tmp/judged
 
-R1's answers carry `is_correct`; a base answer is right when its last number equals the gold answer (the last
-number of R1's answer is its `pred` in 457 of 491 rows). Of the 460 questions whose answers are short enough and not empty, both answers are right in 385
-and only one in 61: a pair whose answers are both right (or both wrong) is a tie, the others a preference for the
-right one. The two
-answers differ in style as much as in content (R1's in markdown with LaTeX, the base's in "Step 1:" prose), and
-in most untied pairs R1's is the right one, so a model trained on the untied pairs alone can learn the style. The
-ties say that style is not what the label is about. Questions are split once; held-out questions are never trained
-on. Written to --out_dir (chat messages: the question as the user's turn, the answer as the assistant's):
+R1's answers carry `is_correct`; a base answer is right when its last number equals the gold answer (the last number
+of R1's answer is its `pred` in 457 of 491 rows). Of the 460 questions whose answers are short enough and not empty,
+both answers are right in 385 and only one in 61: a pair whose answers are both right (or both wrong) is a tie, the
+others a preference for the right one. The two answers differ in style as much as in content (R1's in markdown with
+LaTeX, the base's in "Step 1:" prose), and in most untied pairs R1's is the right one, so a model trained on the
+untied pairs alone can learn the style. The ties say that style is not what the label is about. Questions are split
+once; held-out questions are never trained on. Written to --out_dir (chat messages: the question as the user's turn,
+the answer as the assistant's):
 - pairs_train.jsonl: the untied training pairs (what TRL's trainer gets: it has no tie);
 - ties_train.jsonl: the untied pairs and the ties (`tie: true`, chosen/rejected in no particular order);
 - ratings_train.jsonl: every training answer as a rated row (`correct`: 1 or 0, `words`: its length in words);

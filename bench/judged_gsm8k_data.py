@@ -63,9 +63,8 @@ def main() -> None:
     rng.shuffle(rows)
     # Held out: a share of the untied questions (the few that test correctness) and a number of the tied ones.
     untied = [r for r in rows if bool(r["is_correct"]) != base_is_right(r)]
-    held_out = {r["id"] for r in untied[: round(len(untied) * args.eval_fraction)]}
-    tied = [r for r in rows if bool(r["is_correct"]) == base_is_right(r)]
-    held_out |= {r["id"] for r in tied[: args.eval_ties]}
+    tied = [r for r in rows if r not in untied]
+    held_out = {r["id"] for r in untied[: round(len(untied) * args.eval_fraction)] + tied[: args.eval_ties]}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = ("pairs_train", "ties_train", "ratings_train", "pairs_eval", "ratings_eval", "judged_eval")
@@ -79,21 +78,17 @@ def main() -> None:
         for response, right in ((r1, r1_right), (base, base_right)):
             words = len(response[0]["content"].split())
             rated.append({"prompt": prompt, "response": response, "correct": float(right), "words": words})
-        if row["id"] in held_out:
-            files["ratings_eval"] += rated
+        chosen, rejected = (r1, base) if r1_right else (base, r1)  # a preference when only one is right
+        split = "eval" if row["id"] in held_out else "train"
+        files[f"ratings_{split}"] += rated
+        if r1_right != base_right:
+            files[f"pairs_{split}"].append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        if split == "eval":
             files["judged_eval"].append(
                 {"id": row["id"], "prompt": prompt, "r1": r1, "base": base, "r1_right": r1_right,
                  "base_right": base_right}
             )  # fmt: skip
-            if r1_right != base_right:
-                chosen, rejected = (r1, base) if r1_right else (base, r1)
-                files["pairs_eval"].append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-            continue
-        files["ratings_train"] += rated
-        if r1_right != base_right:
-            chosen, rejected = (r1, base) if r1_right else (base, r1)
-            files["pairs_train"].append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        else:
+        elif r1_right == base_right:
             first, second = (r1, base) if rng.random() < 0.5 else (base, r1)
             ties.append({"prompt": prompt, "chosen": first, "rejected": second, "tie": True})
     files["ties_train"] = files["pairs_train"] + ties[: args.train_ties]

@@ -5,7 +5,6 @@ vLLM server can start on another pytest-xdist worker than the interop servers'."
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -15,7 +14,7 @@ from bench.vllm_engine import VllmServer, unavailable
 from rmtorch.formatting import tokenize_response
 from rmtorch.score import RewardScorer
 from tests.conftest import train_argv, train_in_process, write_jsonl
-from tests.vllm.conftest import SCORED, THINK_TOKENS, conversation, save_base_model
+from tests.vllm.conftest import SCORED, conversation, save_base_model
 from tests.vllm.test_vllm_interop import classify
 
 pytestmark = [
@@ -32,9 +31,7 @@ def rating_run(tmp_path_factory, smol_tokenizer, gsm8k_rows):
     from accelerate.state import AcceleratorState
 
     root = tmp_path_factory.mktemp("vllm_ratings")
-    tokenizer = copy.deepcopy(smol_tokenizer)
-    tokenizer.add_tokens(THINK_TOKENS, special_tokens=True)
-    base = save_base_model(root / "base", tokenizer)
+    base = save_base_model(root / "base", smol_tokenizer)  # its rows hold no thinking: SmolLM2's own vocabulary
     rows = []
     for row in gsm8k_rows[SCORED : SCORED + 16]:
         prompt, response = conversation(row)
@@ -44,7 +41,7 @@ def rating_run(tmp_path_factory, smol_tokenizer, gsm8k_rows):
     options = ("--objective", "regression", "--attributes", "correct,words", "--reward_weights", "1.0,-0.01",
                "--normalize_targets", "true", "--max_length", "1024", "--lr", "1e-3")  # fmt: skip
     train_in_process(train_argv(base, data, root / "run", *options))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    AcceleratorState._reset_state(reset_partial_state=True)  # tests after this one build their own Accelerator
     return root / "run"
 
 

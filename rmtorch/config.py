@@ -405,17 +405,27 @@ class EngineOptions(Options):
         "With --engine vllm: GPUs the model is split over (vLLM's tensor parallelism). The torch engine: 1.",
         check=">0",
     )
+    vllm_options: dict | None = option(
+        None,
+        "With --engine vllm: more of vllm.LLM's keyword options, as a mapping (JSON or YAML), e.g. "
+        '\'{"gpu_memory_utilization": 0.5, "max_model_len": 4096}\' (or "enforce_eager": true, which starts faster '
+        "and serves slower).",
+    )
 
     def engine_options(self) -> dict:
         """RewardScorer's engine_options for these options; a setting the torch engine has no use for is refused."""
         if self.engine == "torch":
-            if self.tensor_parallel_size != 1:
-                raise ValueError(
-                    f"--tensor_parallel_size {self.tensor_parallel_size} needs --engine vllm (the torch engine runs "
-                    "on one device): add --engine vllm, or leave --tensor_parallel_size out."
-                )
+            for name, unset in (("tensor_parallel_size", 1), ("vllm_options", None)):
+                if getattr(self, name) != unset:
+                    raise ValueError(
+                        f"--{name} {getattr(self, name)} needs --engine vllm (the torch engine runs on one device): "
+                        f"add --engine vllm, or leave --{name} out."
+                    )
             return {}
-        return {"tensor_parallel_size": self.tensor_parallel_size} if self.tensor_parallel_size != 1 else {}
+        options = {"tensor_parallel_size": self.tensor_parallel_size} if self.tensor_parallel_size != 1 else {}
+        if self.vllm_options:
+            options.update(self.vllm_options)
+        return options
 
 
 @dataclass
@@ -528,6 +538,8 @@ def _check_type(name: str, value, field_type: str, source: str):
         value = float(value)
     elif field_type.startswith("str"):
         value = str(value)
+    elif field_type.startswith("dict") and not isinstance(value, dict):
+        raise ValueError(f"{source}: {name} must be a mapping such as '{{\"name\": value}}', got {value!r}.")
     return value
 
 

@@ -913,6 +913,18 @@ def test_tensor_parallelism_is_an_engine_option_of_vllm():
     assert load_config(["--engine", "vllm"]).engine_options() == {}
 
 
+def test_vllm_options_go_to_vllm_as_json():
+    options = '{"enforce_eager": true, "max_model_len": 4096}'
+    assert load_config(
+        ["--engine", "vllm", "--tensor_parallel_size", "2", "--vllm_options", options]
+    ).engine_options() == {"tensor_parallel_size": 2, "enforce_eager": True, "max_model_len": 4096}
+    with pytest.raises(ValueError, match=r"--vllm_options .* needs --engine vllm"):
+        load_config(["--vllm_options", options])
+    for bad in ("enforce_eager=true", "[1, 2]"):
+        with pytest.raises(SystemExit, match=r"--vllm_options: vllm_options must be a mapping such as"):
+            load_config(["--engine", "vllm", "--vllm_options", bad])
+
+
 def test_an_unexpected_error_is_a_json_500_and_the_connection_serves_on(scorer, monkeypatch, caplog):
     from rmtorch.serve import app as serve_app
 

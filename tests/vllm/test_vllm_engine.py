@@ -10,6 +10,7 @@ venv and start that venv's Python. The server test starts vLLM once (about 60 s 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import tempfile
 import time
@@ -22,7 +23,7 @@ from bench.vllm_engine import REPO_ROOT, VENV_PYTHON, free_port, stop_process_gr
 from rmtorch.engines import VllmEngine
 from rmtorch.formatting import chat_text
 from rmtorch.score import RewardScorer
-from tests.vllm.conftest import SCORED, thinking_conversation
+from tests.vllm.conftest import FAST_START, SCORED, thinking_conversation
 
 pytestmark = [
     pytest.mark.vllm,
@@ -97,7 +98,7 @@ def test_served_by_vllm_engine_as_by_torch_engine(runs, rows, torch_scorer):
     expected = torch_scorer(prompts, completions)
     texts = [chat_text(torch_scorer.tokenizer, [*p, *c]) for p, c in zip(prompts, completions)]
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    with rmtorch_server(runs["full"][1], "--api_key", API_KEY) as url:
+    with rmtorch_server(runs["full"][1], "--api_key", API_KEY, "--vllm_options", json.dumps(FAST_START)) as url:
 
         def post(path: str, body: dict) -> dict:
             response = httpx.post(url + path, json=body, headers=headers, timeout=120)

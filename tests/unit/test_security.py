@@ -71,11 +71,13 @@ def test_checkpoints_hold_no_file_that_is_unpickled_with_code(tmp_path, accelera
     """train.py's setup: model, optimizer and scheduler through prepare(); nothing registered as a custom (pickled)
     object."""
     from accelerate.utils import load
-    from transformers import get_scheduler
+
+    from rmtorch.config import TrainConfig
+    from train import build_scheduler
 
     model = torch.nn.Linear(2, 1)
     optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=4)
+    scheduler = build_scheduler(TrainConfig(warmup_steps=1), optimizer, 4)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     path = save_checkpoint(accelerator, tmp_path, {"step": 1})
     names = sorted(p.name for p in path.iterdir())

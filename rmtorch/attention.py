@@ -14,6 +14,7 @@ bucket (a power of two), so the kernel and the mask compile once per bucket.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import itertools
 from contextlib import contextmanager
@@ -54,7 +55,8 @@ def block_attention(module, query, key, value, attention_mask, attention_blocks=
     dtype, device = query.dtype, query.device
     # Under autocast the rotary embedding has upcast q and k to fp32: the choice is autocast's dtype or fp32.
     wanted = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else dtype
-    compute_dtype = attention_dtype(device, wanted, query.shape[1], query.shape[-1])
+    backward = torch.is_grad_enabled() and query.requires_grad  # training: the backward is timed too
+    compute_dtype = attention_dtype(device, wanted, query.shape[1], query.shape[-1], backward)
     queries, keys, values = (t.to(compute_dtype).split(sizes, dim=2) for t in (query, key, value))
     dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
     outputs = []
@@ -82,31 +84,55 @@ def block_attention(module, query, key, value, attention_mask, attention_blocks=
 
 
 @functools.cache
-def attention_dtype(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int) -> torch.dtype:
+def attention_dtype(
+    device: torch.device, dtype: torch.dtype, heads: int, head_dim: int, backward: bool = False
+) -> torch.dtype:
     """The dtype packed attention computes in on this machine: on a GPU, `dtype`; on a CPU, a half-precision
     `dtype` only where its block loop measures clearly faster than fp32 (at least 15%: CPUs with AMX do, others
-    may not), else fp32. Measured once per process and shape, on the machine in hand; the margin keeps the choice
-    the same from run to run on one machine, so a resumed bf16 run computes as the run it continues."""
+    may not), else fp32. `backward`: the loop is timed with its backward, as training runs it (on the AMD EPYC
+    without AMX, forward and backward took 1.4x their fp32 time in bf16, the forward alone 1.0x). Measured once per
+    process and shape, on the machine in hand; the margin keeps the choice the same from run to run on one machine,
+    so a resumed bf16 run computes as the run it continues."""
     if device.type != "cpu" or dtype == torch.float32:
         return dtype
-    half, full = _time_block_loop(dtype, heads, head_dim), _time_block_loop(torch.float32, heads, head_dim)
+    half, full = (_timed_apart(dtype_, heads, head_dim, backward) for dtype_ in (dtype, torch.float32))
     return dtype if half < 0.85 * full else torch.float32
 
 
-def _time_block_loop(dtype: torch.dtype, heads: int, head_dim: int, blocks: int = 8, length: int = 128) -> float:
-    """Best of 5: SDPA over `blocks` causal blocks of `length` tokens, forward only, in `dtype`."""
+def _timed_apart(*args) -> float:
+    """_time_block_loop in a thread of its own, with the caller's thread count: autocast and a checkpointed layer's
+    saved-tensor hooks are per thread, and the first call comes from inside both (autocast would run the fp32 loop in
+    bf16; the checkpoint would count the timing's tensors as its layer's)."""
+    threads = torch.get_num_threads()
+
+    def run() -> float:
+        torch.set_num_threads(threads)  # a new thread starts with OpenMP's default
+        return _time_block_loop(*args)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(run).result()
+
+
+def _time_block_loop(
+    dtype: torch.dtype, heads: int, head_dim: int, backward: bool = False, blocks: int = 8, length: int = 128
+) -> float:
+    """Best of 5: SDPA over `blocks` causal blocks of `length` tokens in `dtype`, forward (and backward)."""
     import time
 
     generator = torch.Generator().manual_seed(0)
     query, key, value = (
-        torch.randn(1, heads, blocks * length, head_dim, generator=generator).to(dtype) for _ in range(3)
+        torch.randn(1, heads, blocks * length, head_dim, generator=generator).to(dtype).requires_grad_(backward)
+        for _ in range(3)
     )
     best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        for q, k, v in zip(*(t.split(length, dim=2) for t in (query, key, value))):
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        best = min(best, time.perf_counter() - start)
+    with torch.enable_grad() if backward else torch.no_grad():
+        for _ in range(5):
+            start = time.perf_counter()
+            for q, k, v in zip(*(t.split(length, dim=2) for t in (query, key, value))):
+                output = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+                if backward:
+                    output.sum().backward()
+            best = min(best, time.perf_counter() - start)
     return best
 
 

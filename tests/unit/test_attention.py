@@ -139,7 +139,7 @@ def test_cpu_attention_precision_follows_the_measurement(monkeypatch, half_time,
     from rmtorch import attention
 
     monkeypatch.setattr(
-        attention, "_time_block_loop", lambda dtype, heads, dim: half_time if dtype == torch.bfloat16 else 1.0
+        attention, "_time_block_loop", lambda dtype, *shape: half_time if dtype == torch.bfloat16 else 1.0
     )
     attention.attention_dtype.cache_clear()
     try:
@@ -148,3 +148,53 @@ def test_cpu_attention_precision_follows_the_measurement(monkeypatch, half_time,
         assert attention.attention_dtype(torch.device("cuda"), torch.bfloat16, 4, 8) == torch.bfloat16
     finally:
         attention.attention_dtype.cache_clear()
+
+
+def test_training_chooses_the_attention_precision_by_forward_and_backward(monkeypatch):
+    """A forward that records a graph asks for the timing with backward (bf16 can be as fast forward only, as on the
+    AMD EPYC, and slower with its backward); evaluation asks for the forward alone."""
+    from rmtorch import attention
+
+    asked = []
+    monkeypatch.setattr(
+        attention, "_time_block_loop", lambda dtype, heads, dim, backward: asked.append(backward) or 1.0
+    )
+    attention.attention_dtype.cache_clear()
+    query, key, value = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    blocks = ((0, 4, 0, 0), (4, 8, 0, 4))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad():
+                attention.block_attention(torch.nn.Module(), query, key, value, None, blocks)
+            assert asked == [False, False]
+            attention.block_attention(torch.nn.Module(), query.requires_grad_(), key, value, None, blocks)
+            assert asked == [False, False, True, True]
+    finally:
+        attention.attention_dtype.cache_clear()
+
+
+def test_the_precision_timing_runs_apart_from_the_callers_autocast(monkeypatch):
+    """Under the caller's autocast the "fp32" loop would run in bf16 (SDPA autocasts on CPU) and both timings would
+    be bf16's; the timing runs in a thread of its own, with the caller's thread count."""
+    from rmtorch import attention
+
+    seen = []
+    monkeypatch.setattr(
+        attention,
+        "_time_block_loop",
+        lambda *args: seen.append((torch.is_autocast_enabled("cpu"), torch.get_num_threads())) or 1.0,
+    )
+    threads = torch.get_num_threads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention._timed_apart(torch.float32, 2, 8, True)
+    assert seen == [(False, threads)]
+
+
+def test_the_precision_timing_runs_the_backward_it_claims(monkeypatch):
+    from rmtorch import attention
+
+    calls = []
+    original = torch.Tensor.backward
+    monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    assert attention._time_block_loop(torch.float32, 2, 8, False, blocks=2, length=8) > 0 and not calls
+    assert attention._time_block_loop(torch.float32, 2, 8, True, blocks=2, length=8) > 0 and len(calls) == 10

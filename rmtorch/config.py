@@ -423,9 +423,7 @@ class EngineOptions(Options):
                     )
             return {}
         options = {"tensor_parallel_size": self.tensor_parallel_size} if self.tensor_parallel_size != 1 else {}
-        if self.vllm_options:
-            options.update(self.vllm_options)
-        return options
+        return {**options, **(self.vllm_options or {})}
 
 
 @dataclass

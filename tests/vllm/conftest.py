@@ -16,8 +16,12 @@ THINK_TOKENS = ["<think>", "</think>"]  # added to SmolLM2's tokenizer, which ha
 # vLLM's start on 2 CPU cores (about 50 s) is mostly three processes importing it and a torch.compile of the model:
 # eager, with the worker in the engine's process, it starts in about half that. The model code is the same (compiling
 # changes speed and rounding, within the tests' 1e-4); docs/serve.md's command itself runs in bench/bench_serve.py.
-FAST_START = {"enforce_eager": True, "distributed_executor_backend": "uni"}
-FAST_START_FLAGS = ("--enforce-eager", "--distributed-executor-backend", "uni")
+FAST_START = {"enforce_eager": True, "distributed_executor_backend": "uni"}  # vllm.LLM's options (--vllm_options)
+FAST_START_FLAGS = tuple(  # the same as the server's flags: --enforce-eager --distributed-executor-backend uni
+    part
+    for name, value in FAST_START.items()
+    for part in (f"--{name.replace('_', '-')}", *(() if value is True else (str(value),)))
+)
 
 
 def conversation(row: dict) -> tuple[list[dict], list[dict]]:

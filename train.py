@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from rmtorch.accelerator import launch_accelerator
+from rmtorch.accelerator import engine_name, launch_accelerator
 from rmtorch.attention import use_block_attention
 from rmtorch.batching import EpochSampler, LengthGroupedBatchSampler, PackedPairCollator, PairCollator, model_inputs
 from rmtorch.builtin_data import builtin_pairs
@@ -561,8 +561,9 @@ class RunLog:
             self.metrics_file = open(self.output_dir / "metrics.jsonl", "a")
         precision, batching = "bf16 autocast" if cfg.bf16 else "fp32", "packed" if cfg.packing else "padded"
         print_(
-            f"training {total_steps} step{'s' if total_steps != 1 else ''}: {accelerator.num_processes} process(es) x "
-            f"{cfg.batch_size} pairs x {cfg.grad_accum} accumulation, {precision}, {batching} batches"
+            f"training {total_steps} step{'s' if total_steps != 1 else ''}, {engine_name(accelerator)}: "
+            f"{accelerator.num_processes} process(es) x {cfg.batch_size} pairs x {cfg.grad_accum} accumulation, "
+            f"{precision}, {batching} batches"
         )
         disable = not accelerator.is_main_process
         self.progress = tqdm(

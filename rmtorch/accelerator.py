@@ -36,10 +36,22 @@ def launch_accelerator(
             train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=grad_accum,
             gradient_clipping=max_grad_norm or 0.0,
         )  # fmt: skip
-    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+    # FSDP on CPU processes; a process's second Accelerator finds the type already FSDP, but no plugin in its state.
+    sharded = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP)
+    if sharded and os.environ.get("ACCELERATE_USE_FSDP") == "true" and not hasattr(accelerator.state, "fsdp_plugin"):
         plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as Accelerate does
         if accelerator.mixed_precision != "no":
             plugin.set_mixed_precision(accelerator.mixed_precision)
         accelerator.state.fsdp_plugin, accelerator.state.distributed_type = plugin, DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # what barriers and gathers read
     return accelerator
+
+
+def engine_name(accelerator: Accelerator) -> str:
+    """What runs the processes, for the run's first line: DDP, FSDP2, DeepSpeed ZeRO-N, or one process."""
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if kind == DistributedType.FSDP:
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return "one process" if kind == DistributedType.NO else "DDP"

@@ -323,34 +323,50 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def accelerate_launch(config: str) -> list[str]:
-    """The command that starts train.py under `configs/<config>` (2 processes) on a free port; options follow."""
+def accelerate_launch(config: str, script: str = "train.py") -> list[str]:
+    """The command that starts `script` under `configs/<config>` (2 processes) on a free port; options follow."""
     accelerate = str(Path(sys.executable).parent / "accelerate")
     return [accelerate, "launch", "--config_file", str(CONFIGS / config), "--main_process_port", str(free_port())] + [
-        "train.py"
+        script
     ]
 
 
 def launch(config: str, argv: list[str], check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """Run train.py under `config` in 2 CPU processes, one torch thread each (the machine is shared)."""
+    return run_launch(accelerate_launch(config) + argv, config, output_dir_of(argv), check, env)
+
+
+def launch_runs(config: str, runs: list[list[str]], runs_file: Path) -> subprocess.CompletedProcess:
+    """Several train.py runs (argument lists) in one launch under `config`, one after the other in the same 2
+    processes (tests/integration/launch_runs.py); the list is written to `runs_file`."""
+    runs_file.write_text(json.dumps(runs))
+    command = accelerate_launch(config, "tests/integration/launch_runs.py") + [str(runs_file)]
+    return run_launch(command, config, output_dir_of(runs[-1]), True, {})
+
+
+def output_dir_of(argv: list[str]) -> Path:
+    return Path(argv[argv.index("--output_dir") + 1])
+
+
+def run_launch(command: list[str], config: str, last_output: Path, check: bool, env: dict):
+    """Run a launch command; unless check is False, its failure fails the test (see aborted_after_finishing)."""
     result = subprocess.run(
-        accelerate_launch(config) + argv,
+        command,
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=LAUNCH_TIMEOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )
-    if check and result.returncode != 0 and not aborted_after_finishing(argv, result):
+    if check and result.returncode != 0 and not aborted_after_finishing(last_output, result):
         raise AssertionError(f"{config} launch failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
 
 
-def aborted_after_finishing(argv: list[str], result: subprocess.CompletedProcess) -> bool:
+def aborted_after_finishing(output_dir: Path, result: subprocess.CompletedProcess) -> bool:
     """A rank aborted in C++ teardown ("terminate called without an active exception", seen rarely on this shared
-    CPU machine, docs/scale_out.md) after the run had written its final model and results: the test goes on to
-    check those outputs, with a warning."""
-    output_dir = Path(argv[argv.index("--output_dir") + 1])
+    CPU machine, docs/scale_out.md) after the run (the last, if several) had written its final model and results:
+    the test goes on to check those outputs, with a warning."""
     finished = (output_dir / "eval_results.json").exists()  # written last, after the model
     if finished and "terminate called without an active exception" in result.stderr:
         warnings.warn(f"a process aborted at exit after finishing {output_dir}; its outputs are checked", stacklevel=2)
@@ -363,7 +379,7 @@ def kill_at_checkpoint(command: list[str], kill_after: int, **env: str) -> int:
     once a checkpoint of step `kill_after` or later exists; return the step of the newest checkpoint left."""
     import psutil
 
-    output_dir = Path(command[command.index("--output_dir") + 1])
+    output_dir = output_dir_of(command)
     process = subprocess.Popen(
         command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env}
     )

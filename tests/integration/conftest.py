@@ -12,8 +12,8 @@ import pytest
 from tests.conftest import (
     PAIR_WORDS,
     assert_same_weights,
-    launch,
     launch_options,
+    launch_runs,
     read_jsonl,
     train_in_process,
     write_jsonl,
@@ -50,31 +50,53 @@ OBJECTIVES = {
 OBJECTIVE_ROWS = {"steps": step_rows, "groups": group_rows, "ratings": rating_rows}
 
 
-@pytest.fixture(scope="module")
-def objective_runs(tmp_path_factory, tiny_model_dir):
-    """objective_runs(name) -> (data, the 1-process run of launch_options(data, ..., 4) for that objective): data in
-    launch_data's layout (12 training rows, 7 held out); each reference trained once a module."""
-    made: dict[str, tuple[tuple[Path, Path], Path]] = {}
+def objective_data(root: Path, name: str, model_dir: Path) -> tuple[Path, Path]:
+    """launch_data's layout for objective `name`: 12 training rows, 7 held out."""
+    write_jsonl(root / "train.jsonl", OBJECTIVE_ROWS[name](12, seed=0))
+    write_jsonl(root / "eval.jsonl", OBJECTIVE_ROWS[name](7, seed=1))
+    return root, model_dir
 
-    def run(name: str) -> tuple[tuple[Path, Path], Path]:
-        if name not in made:
-            root = tmp_path_factory.mktemp(f"launch_{name}")
-            write_jsonl(root / "train.jsonl", OBJECTIVE_ROWS[name](12, seed=0))
-            write_jsonl(root / "eval.jsonl", OBJECTIVE_ROWS[name](7, seed=1))
-            data, one = (root, tiny_model_dir), root / "one_process"
-            train_in_process(launch_options(data, one, 4, *OBJECTIVE_STEPS, *OBJECTIVES[name][0]))
-            made[name] = data, one
-        return made[name]
+
+def objective_options(data: tuple[Path, Path], output_dir: Path, name: str, batch_size: int) -> list[str]:
+    return launch_options(data, output_dir, batch_size, *OBJECTIVE_STEPS, *OBJECTIVES[name][0])
+
+
+@pytest.fixture(scope="session")
+def objective_references(tmp_path_factory, tiny_model_dir):
+    """{objective: (data, the 1-process run of its options at batch 4)}: each reference trained once a session."""
+    references = {}
+    for name in OBJECTIVES:
+        data = objective_data(tmp_path_factory.mktemp(f"objective_{name}"), name, tiny_model_dir)
+        train_in_process(objective_options(data, data[0] / "one_process", name, 4))
+        references[name] = data, data[0] / "one_process"
+    return references
+
+
+@pytest.fixture(scope="module")
+def objective_launches(objective_references, tmp_path_factory):
+    """objective_launches(config, engine) -> {objective: output directory}: every objective trained under `config`
+    in 2 processes of half the batch, all in one launch (tests/integration/launch_runs.py), once a module; each run
+    must say it ran under `engine` (a later run of a process once fell back to plain DDP)."""
+    launched: dict[str, dict[str, Path]] = {}
+
+    def run(config: str, engine: str) -> dict[str, Path]:
+        if config not in launched:
+            root = tmp_path_factory.mktemp(Path(config).stem)
+            outputs = {name: root / name for name in OBJECTIVES}
+            runs = [objective_options(objective_references[name][0], outputs[name], name, 2) for name in OBJECTIVES]
+            result = launch_runs(config, runs, root / "runs.json")
+            assert (result.stdout + result.stderr).count(f", {engine}: 2 process(es) x 2 pairs") == len(runs)
+            launched[config] = outputs
+        return launched[config]
 
     return run
 
 
-def launch_objective(config: str, objective: str, objective_runs, output_dir: Path) -> None:
-    """`objective` trained under `config` in 2 processes of half the batch equals its 1-process run: the same
+def assert_objective_launch(objective: str, output_dir: Path, objective_references) -> None:
+    """`objective` trained in 2 processes of half the batch (in `output_dir`) equals its 1-process run: the same
     weights, metrics lines and evaluation, every held-out row counted once."""
-    data, one = objective_runs(objective)
+    data, one = objective_references[objective]
     flags, eval_keys = OBJECTIVES[objective]
-    launch(config, launch_options(data, output_dir, 2, *OBJECTIVE_STEPS, *flags))
     assert_same_weights(one, output_dir, atol=1e-5)
     assert_same_objective_run(one, output_dir)
     results = json.loads((output_dir / "eval_results.json").read_text())

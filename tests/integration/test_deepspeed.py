@@ -28,7 +28,7 @@ from tests.conftest import (
     launch_options,
     train_records,
 )
-from tests.integration.conftest import OBJECTIVES, launch_objective
+from tests.integration.conftest import OBJECTIVES, assert_objective_launch
 
 pytest.importorskip("deepspeed", reason="pip install deepspeed (CPU works: the tests run it on gloo)")
 
@@ -125,6 +125,7 @@ def test_a_nonfinite_step_under_deepspeed_is_logged_as_applied_not_skipped(launc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_every_objective_trains_under_zero2_as_in_one_process(objective_runs, tmp_path, objective):
+def test_every_objective_trains_under_zero2_as_in_one_process(objective_launches, objective_references, objective):
     """Steps, groups and ratings under ZeRO-2: DeepSpeed's engine scales and reduces the gradients itself."""
-    launch_objective("deepspeed_zero2.yaml", objective, objective_runs, tmp_path / "zero2")
+    output_dir = objective_launches("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2")[objective]
+    assert_objective_launch(objective, output_dir, objective_references)

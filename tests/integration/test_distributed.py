@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import assert_same_run, assert_same_weights, launch, launch_options, read_jsonl
-from tests.integration.conftest import OBJECTIVES, launch_objective
+from tests.integration.conftest import OBJECTIVES, assert_objective_launch
 
 
 @pytest.mark.slow
@@ -25,15 +25,17 @@ def test_two_ddp_processes_equal_one_with_the_same_global_batch(launch_data, one
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_every_objective_trains_in_two_ddp_processes_as_in_one(objective_runs, tmp_path, objective):
+def test_every_objective_trains_in_two_ddp_processes_as_in_one(objective_launches, objective_references, objective):
     """Rows of different numbers of steps (each process's step loss weighed by its share of the steps), groups of
     different sizes, and rated attributes."""
-    launch_objective("ddp.yaml", objective, objective_runs, tmp_path / "ddp")
+    output_dir = objective_launches("ddp.yaml", "DDP")[objective]
+    assert_objective_launch(objective, output_dir, objective_references)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_every_objective_trains_under_fsdp2_as_in_one_process(objective_runs, tmp_path, objective):
+def test_every_objective_trains_under_fsdp2_as_in_one_process(objective_launches, objective_references, objective):
     """configs/fsdp2_cpu.yaml, 2 processes: FSDP2 averages the gradients as DDP does (the step share fails without
     the weight: checked)."""
-    launch_objective("fsdp2_cpu.yaml", objective, objective_runs, tmp_path / "fsdp")
+    output_dir = objective_launches("fsdp2_cpu.yaml", "FSDP2")[objective]
+    assert_objective_launch(objective, output_dir, objective_references)

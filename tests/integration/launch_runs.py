@@ -3,8 +3,8 @@ list of the JSON file named first on its command line, in turn, so the processes
 importing torch, transformers and Accelerate, ~10 s of a 2-core machine) for several runs.
 
 Between runs the process group stays up: torch re-creates a destroyed default group under the same store keys, and
-a rank that reads the last group's keys waits forever (2 of 5 FSDP2 launches of three runs hung so). The last run tears it
-down as train.py does.
+a rank that reads the last group's keys waits forever (2 of 5 FSDP2 launches of three runs hung so). The last run
+tears it down as train.py does.
 """
 
 from __future__ import annotations

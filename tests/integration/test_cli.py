@@ -183,7 +183,7 @@ def test_errors_are_one_line_without_a_traceback_and_leave_nothing_behind(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output directory, no partial output file
 
 
-@pytest.mark.parametrize("steps, words", [(1, "training 1 step:"), (2, "training 2 steps:")])
+@pytest.mark.parametrize("steps, words", [(1, "training 1 step, one process:"), (2, "training 2 steps, one process:")])
 def test_the_step_count_is_said_in_good_english(tmp_path, tiny_model_dir, capsys, steps, words):
     data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(4))
     train_in_process(train_argv(tiny_model_dir, data, tmp_path / "out", "--max_steps", str(steps)))

@@ -1,10 +1,11 @@
-"""What the multi-process tests of every objective share (test_distributed.py, test_deepspeed.py): the objectives'
-data, their 1-process references, and the check that a 2-process launch equals its reference."""
+"""What the multi-process tests share (test_distributed.py, test_fsdp.py, test_deepspeed.py): several runs in one
+launch, the objectives' data and 1-process references, and the check that a 2-process run equals its reference."""
 
 from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -72,24 +73,23 @@ def objective_references(tmp_path_factory, tiny_model_dir):
     return references
 
 
-@pytest.fixture(scope="module")
-def objective_launches(objective_references, tmp_path_factory):
-    """objective_launches(config, engine) -> {objective: output directory}: every objective trained under `config`
-    in 2 processes of half the batch, all in one launch (tests/integration/launch_runs.py), once a module; each run
-    must say it ran under `engine` (a later run of a process once fell back to plain DDP)."""
-    launched: dict[str, dict[str, Path]] = {}
+def launch_together(config: str, engine: str, root: Path, runs: dict[str, Callable[[Path], list[str]]]):
+    """The runs ({name: output directory -> train.py options}) under `config` in one launch of 2 processes, one after
+    the other (tests/integration/launch_runs.py), each in root/name; each must say it ran under `engine` (a later run
+    of a process once fell back to plain DDP). Returns ({name: output directory}, what the launch printed)."""
+    outputs = {name: root / name for name in runs}
+    result = launch_runs(config, [make(outputs[name]) for name, make in runs.items()], root / "runs.json")
+    printed = result.stdout + result.stderr
+    assert printed.count(f", {engine}: 2 process(es) x 2 pairs x 2 accumulation") == len(runs), printed[-3000:]
+    return outputs, result
 
-    def run(config: str, engine: str) -> dict[str, Path]:
-        if config not in launched:
-            root = tmp_path_factory.mktemp(Path(config).stem)
-            outputs = {name: root / name for name in OBJECTIVES}
-            runs = [objective_options(objective_references[name][0], outputs[name], name, 2) for name in OBJECTIVES]
-            result = launch_runs(config, runs, root / "runs.json")
-            assert (result.stdout + result.stderr).count(f", {engine}: 2 process(es) x 2 pairs") == len(runs)
-            launched[config] = outputs
-        return launched[config]
 
-    return run
+def objective_runs(objective_references) -> dict[str, Callable[[Path], list[str]]]:
+    """For launch_together: each objective's run at half its reference's batch, for 2 processes."""
+    return {
+        name: lambda output_dir, name=name: objective_options(objective_references[name][0], output_dir, name, 2)
+        for name in OBJECTIVES
+    }
 
 
 def assert_objective_launch(objective: str, output_dir: Path, objective_references) -> None:

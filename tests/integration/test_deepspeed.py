@@ -28,64 +28,73 @@ from tests.conftest import (
     launch_options,
     train_records,
 )
-from tests.integration.conftest import OBJECTIVES, assert_objective_launch
+from tests.integration.conftest import OBJECTIVES, assert_objective_launch, launch_together, objective_runs
 
 pytest.importorskip("deepspeed", reason="pip install deepspeed (CPU works: the tests run it on gloo)")
 
 
 @pytest.fixture(scope="module")
-def zero2(launch_data, tmp_path_factory):
-    """A 2-process ZeRO-2 run, and what its launch printed."""
-    output_dir = tmp_path_factory.mktemp("zero2") / "run"
-    result = launch("deepspeed_zero2.yaml", launch_options(launch_data, output_dir, 2, "--log_every", "1"))
-    assert "2 process(es) x 2 pairs x 2 accumulation" in result.stdout + result.stderr
-    return output_dir, result
+def zero2(launch_data, objective_references, tmp_path_factory):
+    """2-process ZeRO-2 runs in one launch: pairs (a log line every step) and the three objectives. ({name: output
+    directory}, what the launch printed)."""
+    runs = {
+        "pairs": lambda output_dir: launch_options(launch_data, output_dir, 2, "--log_every", "1"),
+        **objective_runs(objective_references),
+    }
+    return launch_together("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2", tmp_path_factory.mktemp("zero2"), runs)
+
+
+@pytest.fixture(scope="module")
+def zero3(launch_data, tmp_path_factory):
+    """2-process ZeRO-3 runs in one launch, full and LoRA: {name: output directory}."""
+    runs = {
+        "pairs": lambda output_dir: launch_options(launch_data, output_dir, 2),
+        "lora": lambda output_dir: launch_options(launch_data, output_dir, 2, *LAUNCH_LORA),
+    }
+    return launch_together("deepspeed_zero3.yaml", "DeepSpeed ZeRO-3", tmp_path_factory.mktemp("zero3"), runs)[0]
 
 
 @pytest.mark.slow
 def test_zero2_two_processes_equal_one_process(one_process, zero2):
     """The same weights, learning rates, losses and eval numbers; the norm DeepSpeed reads back (before clipping) is
     the one a single process computes."""
-    assert_same_weights(one_process(), zero2[0], atol=1e-5)
-    assert_same_run(one_process(), zero2[0])
+    assert_same_weights(one_process(), zero2[0]["pairs"], atol=1e-5)
+    assert_same_run(one_process(), zero2[0]["pairs"])
 
 
 @pytest.mark.slow
 def test_deepspeed_progress_bars_and_log_lines_are_clean(zero2):
     """ZeRO's first step called a collective torch deprecates: each process printed a FutureWarning into the
-    progress bar. And tqdm.write printed every step line once per process."""
+    progress bar. And tqdm.write printed every step line once per process (the objectives' runs print their last)."""
     result = zero2[1]
     assert "FutureWarning" not in result.stderr, result.stderr[-3000:]
     printed = [line.split("  ")[0] for line in result.stdout.splitlines() if line.startswith("step ")]
-    assert printed == [f"step {step}/{LAUNCH_STEPS}" for step in range(1, LAUNCH_STEPS + 1)]
+    every_step = [f"step {step}/{LAUNCH_STEPS}" for step in range(1, LAUNCH_STEPS + 1)]
+    assert printed == every_step + ["step 4/4"] * len(OBJECTIVES)
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_equal_one_process(launch_data, one_process, tmp_path):
+def test_zero3_two_processes_equal_one_process(one_process, zero3):
     """ZeRO-3 also shards the weights: the model is built by all processes together, and the final save gathers it."""
-    zero3 = tmp_path / "zero3"
-    launch("deepspeed_zero3.yaml", launch_options(launch_data, zero3, 2))
-    assert_same_weights(one_process(), zero3, atol=1e-5)
-    assert_same_run(one_process(), zero3)
+    assert_same_weights(one_process(), zero3["pairs"], atol=1e-5)
+    assert_same_run(one_process(), zero3["pairs"])
     from transformers import AutoModelForSequenceClassification
 
-    AutoModelForSequenceClassification.from_pretrained(zero3)  # a plain model, not DeepSpeed's files
+    AutoModelForSequenceClassification.from_pretrained(zero3["pairs"])  # a plain model, not DeepSpeed's files
 
 
 @pytest.mark.slow
-def test_lora_under_zero3_equals_one_process(launch_data, one_process, tmp_path):
+def test_lora_under_zero3_equals_one_process(one_process, zero3):
     """ZeRO-3 shards the adapters too; PEFT gathers them to save the adapter."""
-    two = tmp_path / "zero3_lora"
-    launch("deepspeed_zero3.yaml", launch_options(launch_data, two, 2, *LAUNCH_LORA))
-    assert any("lora_B" in name for name in load_file(two / "adapter_model.safetensors"))
-    assert_same_weights(one_process(*LAUNCH_LORA), two, atol=1e-5, file="adapter_model.safetensors")
-    assert_same_run(one_process(*LAUNCH_LORA), two)
+    assert any("lora_B" in name for name in load_file(zero3["lora"] / "adapter_model.safetensors"))
+    assert_same_weights(one_process(*LAUNCH_LORA), zero3["lora"], atol=1e-5, file="adapter_model.safetensors")
+    assert_same_run(one_process(*LAUNCH_LORA), zero3["lora"])
 
 
 @pytest.mark.slow
 def test_zero2_kill_9_then_resume_equals_an_uninterrupted_run(launch_data, zero2, tmp_path):
     """The checkpoint holds DeepSpeed's model and optimizer shards and the learning rate schedule."""
-    uninterrupted = zero2[0]
+    uninterrupted = zero2[0]["pairs"]
     output_dir = tmp_path / "zero2_killed"
     argv = launch_options(launch_data, output_dir, 2, "--save_every", "1")
     killed_at = launch_and_kill("deepspeed_zero2.yaml", argv, kill_after=3)
@@ -125,7 +134,6 @@ def test_a_nonfinite_step_under_deepspeed_is_logged_as_applied_not_skipped(launc
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", list(OBJECTIVES))
-def test_every_objective_trains_under_zero2_as_in_one_process(objective_launches, objective_references, objective):
+def test_every_objective_trains_under_zero2_as_in_one_process(zero2, objective_references, objective):
     """Steps, groups and ratings under ZeRO-2: DeepSpeed's engine scales and reduces the gradients itself."""
-    output_dir = objective_launches("deepspeed_zero2.yaml", "DeepSpeed ZeRO-2")[objective]
-    assert_objective_launch(objective, output_dir, objective_references)
+    assert_objective_launch(objective, zero2[0][objective], objective_references)

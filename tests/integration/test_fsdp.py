@@ -3,7 +3,8 @@ a 1-process run with the same global batch (fp32), the sharded checkpoints resum
 of an uninterrupted FSDP run, and the final model is a plain safetensors model that transformers loads.
 
 Every run evaluates during training with an eval set that splits unevenly over the processes: under FSDP each
-forward gathers the weights from every process, so a process that ran fewer forwards would hang the others.
+forward gathers the weights from every process, so a process that ran fewer forwards would hang the others. The
+uninterrupted runs (pairs, LoRA, the three objectives) share one launch (launch_together).
 """
 
 from __future__ import annotations
@@ -26,15 +27,24 @@ from tests.conftest import (
     launch_options,
     train_records,
 )
+from tests.integration.conftest import OBJECTIVES, assert_objective_launch, launch_together, objective_runs
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(launch_data, tmp_path_factory):
-    """An uninterrupted 2-process FSDP run (2 pairs x 2 accumulation x 2 processes a step), checkpointed at the end."""
-    output_dir = tmp_path_factory.mktemp("fsdp") / "run"
-    result = launch("fsdp2_cpu.yaml", launch_options(launch_data, output_dir, 2))
-    assert "2 process(es) x 2 pairs x 2 accumulation" in result.stdout + result.stderr
-    return output_dir
+def fsdp(launch_data, objective_references, tmp_path_factory):
+    """Uninterrupted 2-process FSDP runs in one launch, each checkpointed at the end: pairs (2 pairs x 2 accumulation
+    x 2 processes a step), the same with LoRA, and the three objectives. {name: output directory}."""
+    runs = {
+        "pairs": lambda output_dir: launch_options(launch_data, output_dir, 2),
+        "lora": lambda output_dir: launch_options(launch_data, output_dir, 2, *LAUNCH_LORA),
+        **objective_runs(objective_references),
+    }
+    return launch_together("fsdp2_cpu.yaml", "FSDP2", tmp_path_factory.mktemp("fsdp"), runs)[0]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(fsdp):
+    return fsdp["pairs"]
 
 
 @pytest.mark.slow
@@ -71,16 +81,21 @@ def test_fsdp_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_fsdp_r
 
 
 @pytest.mark.slow
-def test_lora_under_fsdp_equals_one_process(launch_data, one_process, tmp_path):
+def test_lora_under_fsdp_equals_one_process(one_process, fsdp):
     """LoRA under FSDP2: the adapter and the trained head (saved from the gathered shards) equal a 1-process run's,
     and the adapter directory loads as a reward model."""
     from rmtorch.loading import load_reward_model
 
-    fsdp = tmp_path / "fsdp"
-    result = launch("fsdp2_cpu.yaml", launch_options(launch_data, fsdp, 2, *LAUNCH_LORA))
-    assert "2 process(es) x 2 pairs x 2 accumulation" in result.stdout + result.stderr
-    adapter = load_file(fsdp / "adapter_model.safetensors")
+    adapter = load_file(fsdp["lora"] / "adapter_model.safetensors")
     assert any("lora_B" in name for name in adapter) and any("score" in name for name in adapter)
-    assert_same_weights(one_process(*LAUNCH_LORA), fsdp, atol=1e-5, file="adapter_model.safetensors")
-    assert_same_run(one_process(*LAUNCH_LORA), fsdp)
-    assert load_reward_model(str(fsdp))[0].peft_config["default"].r == 4
+    assert_same_weights(one_process(*LAUNCH_LORA), fsdp["lora"], atol=1e-5, file="adapter_model.safetensors")
+    assert_same_run(one_process(*LAUNCH_LORA), fsdp["lora"])
+    assert load_reward_model(str(fsdp["lora"]))[0].peft_config["default"].r == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+def test_every_objective_trains_under_fsdp2_as_in_one_process(fsdp, objective_references, objective):
+    """Steps, groups and ratings: FSDP2 averages the gradients as DDP does (the step share fails without the
+    weight: checked)."""
+    assert_objective_launch(objective, fsdp[objective], objective_references)

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +51,11 @@ def unavailable() -> str | None:
     return None
 
 
-def vllm_env(threads: int | None = None) -> dict[str, str]:
+def vllm_env(threads: int | None = None, **extra: str) -> dict[str, str]:
     """The environment of a vLLM process. threads: that many torch threads, unpinned, as rmtorch runs (vLLM's own
-    default pins its engine to cores and keeps one core for its scheduler: 1 thread on 2 cores)."""
-    env = {**os.environ, **VLLM_ENV}
+    default pins its engine to cores and keeps one core for its scheduler: 1 thread on 2 cores). extra: more
+    variables."""
+    env = {**os.environ, **VLLM_ENV, **extra}
     if threads is not None:
         env.update(VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS=str(threads))
     return env
@@ -96,7 +97,8 @@ def free_port() -> int:
 
 class VllmServer:
     """`server_command` in a process group of its own; entering waits (at most `timeout` s) for GET /health to
-    answer 200, leaving ends the group (the API server, its engine and worker processes)."""
+    answer 200, leaving ends the group (the API server, its engine and worker processes). env: more environment
+    variables for vLLM."""
 
     def __init__(
         self,
@@ -104,8 +106,9 @@ class VllmServer:
         threads: int | None = None,
         timeout: float = STARTUP_TIMEOUT_S,
         extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ):
-        self.model, self.threads, self.timeout, self.extra = model, threads, timeout, extra
+        self.model, self.threads, self.timeout, self.extra, self.env = model, threads, timeout, extra, env or {}
 
     def __enter__(self) -> VllmServer:
         import httpx
@@ -115,7 +118,7 @@ class VllmServer:
         self.log = tempfile.TemporaryFile("w+")
         self.process = subprocess.Popen(
             server_command(self.model, port, self.extra), cwd=REPO_ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env=vllm_env(self.threads), start_new_session=True,
+            env=vllm_env(self.threads, **self.env), start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + self.timeout
         while True:

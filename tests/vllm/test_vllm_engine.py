@@ -23,7 +23,7 @@ from bench.vllm_engine import REPO_ROOT, VENV_PYTHON, free_port, stop_process_gr
 from rmtorch.engines import VllmEngine
 from rmtorch.formatting import chat_text
 from rmtorch.score import RewardScorer
-from tests.vllm.conftest import FAST_START, SCORED, thinking_conversation
+from tests.vllm.conftest import FAST_START, FAST_START_ENV, SCORED, thinking_conversation
 
 pytestmark = [
     pytest.mark.vllm,
@@ -74,7 +74,12 @@ def rmtorch_server(model, *options: str):
     ]  # fmt: skip
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=vllm_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=REPO_ROOT,
+            env=vllm_env(**FAST_START_ENV),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + STARTUP_TIMEOUT_S

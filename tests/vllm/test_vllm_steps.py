@@ -34,7 +34,7 @@ from bench.vllm_engine import SERVED_NAME, VllmServer, unavailable
 from rmtorch.score import RewardScorer
 from rmtorch.steps import separator_ids_of, step_prompt_ids, tokenize_steps_row
 from tests.conftest import train_argv, train_in_process, write_jsonl
-from tests.vllm.conftest import FAST_START_FLAGS, SCORED, save_base_model
+from tests.vllm.conftest import FAST_START_ENV, FAST_START_FLAGS, SCORED, save_base_model
 
 pytestmark = [
     pytest.mark.vllm,
@@ -109,7 +109,7 @@ def served(step_run):
     """vLLM's URL: its server started by docs/serve.md's command (`server_command`) plus the step model's
     --pooler-config."""
     extra = ["--pooler-config", json.dumps(pooler_config(step_run["step_tag_id"])), *FAST_START_FLAGS]
-    with VllmServer(step_run["dir"], extra=extra) as server:
+    with VllmServer(step_run["dir"], extra=extra, env=FAST_START_ENV) as server:
         yield server.url
 
 

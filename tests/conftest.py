@@ -30,9 +30,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 FOLDER_MARKERS = ("unit", "parity", "integration", "realdata")
-# Folders whose modules take longest (vLLM startups, the real SmolLM2 run), collected first: under pytest-xdist each
-# module goes to one worker in collection order, and a long module started last leaves the other core idle.
-FIRST_FOLDERS = ("realdata", "vllm")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest-xdist workers share the cores: one torch thread each. A pool of 2 threads spin-waits for a peer the other
@@ -48,7 +45,6 @@ def pytest_collection_modifyitems(items):
         folder = Path(str(item.fspath)).parent.name
         if folder in FOLDER_MARKERS:
             item.add_marker(getattr(pytest.mark, folder))
-    items.sort(key=lambda item: Path(str(item.fspath)).parent.name not in FIRST_FOLDERS)  # stable: order kept within
 
 
 def shared_path(*parts: str) -> Path:

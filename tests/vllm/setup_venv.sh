@@ -15,7 +15,8 @@ PY="$VENV/bin/python"
 if command -v uv > /dev/null; then
     # pip's wheels on this machine (PIP_FIND_LINKS: the CPU build of torch), for uv too.
     if [ -n "${PIP_FIND_LINKS:-}" ] && [ -z "${UV_FIND_LINKS:-}" ]; then export UV_FIND_LINKS="$PIP_FIND_LINKS"; fi
-    export UV_COMPILE_BYTECODE=1  # as pip does: under PYTHONDONTWRITEBYTECODE each process would compile its imports
+    # Compiled at install, as pip does, where processes may not write bytecode (each would compile its imports).
+    if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ]; then export UV_COMPILE_BYTECODE=1; fi
     venv_pip() { local command="$1"; shift; uv pip "$command" --python "$PY" "$@"; }
 else
     venv_pip() { "$PY" -m pip "$@"; }

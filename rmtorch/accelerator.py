@@ -36,9 +36,11 @@ def launch_accelerator(
             train_micro_batch_size_per_gpu=batch_size, gradient_accumulation_steps=grad_accum,
             gradient_clipping=max_grad_norm or 0.0,
         )  # fmt: skip
-    # FSDP on CPU processes; a process's second Accelerator finds the type already FSDP, but no plugin in its state.
+    # FSDP on CPU processes. An Accelerator built after AcceleratorState._reset_state() (a process training twice)
+    # finds the type already FSDP, from the process-wide state this sets, but no plugin.
     sharded = accelerator.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP)
-    if sharded and os.environ.get("ACCELERATE_USE_FSDP") == "true" and not hasattr(accelerator.state, "fsdp_plugin"):
+    no_plugin = getattr(accelerator.state, "fsdp_plugin", None) is None
+    if sharded and os.environ.get("ACCELERATE_USE_FSDP") == "true" and no_plugin:
         plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as Accelerate does
         if accelerator.mixed_precision != "no":
             plugin.set_mixed_precision(accelerator.mixed_precision)

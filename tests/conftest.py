@@ -337,21 +337,21 @@ def launch_runs(config: str, runs: list[list[str]], runs_file: Path) -> subproce
     processes (tests/integration/launch_runs.py); the list is written to `runs_file`."""
     runs_file.write_text(json.dumps(runs))
     command = accelerate_launch(config, "tests/integration/launch_runs.py") + [str(runs_file)]
-    return run_launch(command, config, output_dir_of(runs[-1]), True, {})
+    return run_launch(command, config, output_dir_of(runs[-1]), True, {}, timeout=LAUNCH_TIMEOUT * len(runs))
 
 
 def output_dir_of(argv: list[str]) -> Path:
     return Path(argv[argv.index("--output_dir") + 1])
 
 
-def run_launch(command: list[str], config: str, last_output: Path, check: bool, env: dict):
+def run_launch(command: list[str], config: str, last_output: Path, check: bool, env: dict, timeout=LAUNCH_TIMEOUT):
     """Run a launch command; unless check is False, its failure fails the test (see aborted_after_finishing)."""
     result = subprocess.run(
         command,
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=LAUNCH_TIMEOUT,
+        timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )
     if check and result.returncode != 0 and not aborted_after_finishing(last_output, result):

@@ -65,10 +65,13 @@ def objective_options(data: tuple[Path, Path], output_dir: Path, name: str, batc
 @pytest.fixture(scope="session")
 def objective_references(tmp_path_factory, tiny_model_dir):
     """{objective: (data, the 1-process run of its options at batch 4)}: each reference trained once a session."""
+    from accelerate.state import AcceleratorState
+
     references = {}
     for name in OBJECTIVES:
         data = objective_data(tmp_path_factory.mktemp(f"objective_{name}"), name, tiny_model_dir)
         train_in_process(objective_options(data, data[0] / "one_process", name, 4))
+        AcceleratorState._reset_state(reset_partial_state=True)  # each run builds its own Accelerator
         references[name] = data, data[0] / "one_process"
     return references
 

@@ -13,10 +13,12 @@ from tests.conftest import read_jsonl, run_script, shared_path, tiny_config, tra
 DATA = ("data", "r1_gsm8k", "r1_distill_qwen32b_gsm8k_labeled.jsonl")
 SCORED = 8  # the first GSM8K rows are scored; the training pairs come from the rows after them
 THINK_TOKENS = ["<think>", "</think>"]  # added to SmolLM2's tokenizer, which has none, so rows can be split
-# vLLM's start on 2 CPU cores (about 50 s) is mostly three processes importing it and a torch.compile of the model:
-# eager, with the worker in the engine's process, it starts in about half that, and with the engine in the server's
-# process (FAST_START_ENV) in two thirds of that again (30 -> 21 s, quiet). The model code is the same (compiling
-# changes speed and rounding, within the tests' 1e-4); docs/serve.md's command itself runs in bench/bench_serve.py.
+# vLLM's start on 2 CPU cores (about 50 s) is mostly processes importing it and a torch.compile of the model. Eager,
+# it takes about 30 s; with the model's worker in the engine's process (`uni`, which vLLM's CPU platform honours only
+# under VLLM_ENABLE_V1_MULTIPROCESSING=0, FAST_START_ENV; without it `uni` silently became a worker process) 21 s
+# (quiet). `vllm serve` keeps its engine in a process of its own; `vllm.LLM` in rmtorch.serve runs it in the
+# server's. The model code is the same (compiling changes speed and rounding, within the tests' 1e-4);
+# docs/serve.md's command itself runs in bench/bench_serve.py.
 FAST_START = {"enforce_eager": True, "distributed_executor_backend": "uni"}  # vllm.LLM's options (--vllm_options)
 FAST_START_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 FAST_START_FLAGS = tuple(  # the same as the server's flags: --enforce-eager --distributed-executor-backend uni

@@ -66,7 +66,7 @@ def test_without_vllm_the_engine_says_how_to_install_it(runs):
 @contextlib.contextmanager
 def rmtorch_server(model, *options: str):
     """`python -m rmtorch.serve --engine vllm` from .venv-vllm, in a process group of its own; yields its URL once
-    /health answers 200, and ends the group (the server and vLLM's engine process) on leaving."""
+    /health answers 200, and ends the group (the server, with vLLM's engine inside under FAST_START_ENV) on leaving."""
     port = free_port()
     command = [
         str(VENV_PYTHON), "-m", "rmtorch.serve", "--engine", "vllm", "--model", str(model), "--port", str(port),
@@ -93,7 +93,7 @@ def rmtorch_server(model, *options: str):
                 time.sleep(1)
             yield url
         finally:
-            stop_process_group(process)  # uvicorn answers what is in flight, then vLLM's engine shuts down
+            stop_process_group(process)  # uvicorn answers what is in flight, then the process ends with vLLM's engine
 
 
 def test_served_by_vllm_engine_as_by_torch_engine(runs, rows, torch_scorer):

@@ -70,9 +70,10 @@ def objective_references(tmp_path_factory, tiny_model_dir):
     references = {}
     for name in OBJECTIVES:
         data = objective_data(tmp_path_factory.mktemp(f"objective_{name}"), name, tiny_model_dir)
-        train_in_process(objective_options(data, data[0] / "one_process", name, 4))
+        one = data[0] / "one_process"
+        train_in_process(objective_options(data, one, name, 4))
         AcceleratorState._reset_state(reset_partial_state=True)  # each run builds its own Accelerator
-        references[name] = data, data[0] / "one_process"
+        references[name] = data, one
     return references
 
 

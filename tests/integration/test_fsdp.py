@@ -42,13 +42,9 @@ def fsdp(launch_data, objective_references, tmp_path_factory):
     return launch_together("fsdp2_cpu.yaml", "FSDP2", tmp_path_factory.mktemp("fsdp"), runs)[0]
 
 
-@pytest.fixture(scope="module")
-def fsdp_run(fsdp):
-    return fsdp["pairs"]
-
-
 @pytest.mark.slow
-def test_fsdp_two_processes_equal_one_process(one_process, fsdp_run):
+def test_fsdp_two_processes_equal_one_process(one_process, fsdp):
+    fsdp_run = fsdp["pairs"]
     # The same weights, steps and evaluations: losses, gradient norms (a DTensor under FSDP2) and eval numbers.
     assert_same_weights(one_process(), fsdp_run, atol=1e-5)
     assert_same_run(one_process(), fsdp_run)
@@ -64,7 +60,8 @@ def test_fsdp_two_processes_equal_one_process(one_process, fsdp_run):
 
 
 @pytest.mark.slow
-def test_fsdp_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_fsdp_run(launch_data, fsdp_run, tmp_path):
+def test_fsdp_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_fsdp_run(launch_data, fsdp, tmp_path):
+    fsdp_run = fsdp["pairs"]
     kill_after = random.Random(7).randint(2, LAUNCH_STEPS - 3)
     output_dir = tmp_path / "killed"
     argv = launch_options(launch_data, output_dir, 2, "--save_every", "1")

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 
+from bench.vllm_engine import VllmServer
 from tests.conftest import read_jsonl, run_script, shared_path, tiny_config, train_argv, train_in_process, write_jsonl
 
 DATA = ("data", "r1_gsm8k", "r1_distill_qwen32b_gsm8k_labeled.jsonl")
@@ -26,6 +27,12 @@ FAST_START_FLAGS = tuple(  # the same as the server's flags: --enforce-eager --d
     for name, value in FAST_START.items()
     for part in (f"--{name.replace('_', '-')}", *(() if value is True else (str(value),)))
 )
+
+
+def fast_vllm_server(model, *flags: str):
+    """docs/serve.md's `vllm serve` command (bench.vllm_engine.server_command) with vLLM's `flags`, started the fast
+    way (FAST_START_FLAGS, FAST_START_ENV): a context manager that yields the server."""
+    return VllmServer(model, extra=(*flags, *FAST_START_FLAGS), env=FAST_START_ENV)
 
 
 def conversation(row: dict) -> tuple[list[dict], list[dict]]:

@@ -16,10 +16,10 @@ import httpx
 import pytest
 import torch
 
-from bench.vllm_engine import SERVED_NAME, VllmServer, unavailable
+from bench.vllm_engine import SERVED_NAME, unavailable
 from rmtorch.formatting import chat_text, tokenize_response
 from rmtorch.score import RewardScorer
-from tests.vllm.conftest import FAST_START_ENV, FAST_START_FLAGS, SCORED, conversation
+from tests.vllm.conftest import SCORED, conversation, fast_vllm_server
 
 pytestmark = [
     pytest.mark.vllm,
@@ -39,7 +39,7 @@ def served(request, runs, gsm8k_rows):
     ids = [tokenize_response(scorer.tokenizer, p, c) for p, c in zip(prompts, completions)]
     rewards = scorer(list(prompts), list(completions))
     assert rewards.std() > 0.01, "the rows' rewards must differ for the comparison to mean anything"
-    with VllmServer(served_dir, extra=FAST_START_FLAGS, env=FAST_START_ENV) as server:
+    with fast_vllm_server(served_dir) as server:
         yield server.url, scorer, ids, rewards
 
 

@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from bench.vllm_engine import VllmServer, unavailable
+from bench.vllm_engine import unavailable
 from rmtorch.formatting import tokenize_response
 from rmtorch.score import RewardScorer
 from tests.conftest import train_argv, train_in_process, write_jsonl
-from tests.vllm.conftest import FAST_START_ENV, FAST_START_FLAGS, SCORED, conversation, save_base_model
+from tests.vllm.conftest import SCORED, conversation, fast_vllm_server, save_base_model
 from tests.vllm.test_vllm_interop import classify
 
 pytestmark = [
@@ -54,7 +54,7 @@ def test_vllm_classify_serves_a_rating_models_attributes(rating_run, gsm8k_rows)
     details = scorer(list(prompts), list(completions), return_details=True)
     config = json.loads((rating_run / "config.json").read_text())
     mean, std = torch.tensor(config["rmtorch_attribute_mean"]), torch.tensor(config["rmtorch_attribute_std"])
-    with VllmServer(rating_run, extra=FAST_START_FLAGS, env=FAST_START_ENV) as server:
+    with fast_vllm_server(rating_run) as server:
         answer = classify(server.url, {"input": ids, "use_activation": False})
     raw = torch.tensor([d["probs"] for d in answer["data"]])
     assert raw.shape == (SCORED, 2)

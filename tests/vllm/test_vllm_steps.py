@@ -30,11 +30,11 @@ import httpx
 import pytest
 import torch
 
-from bench.vllm_engine import SERVED_NAME, VllmServer, unavailable
+from bench.vllm_engine import SERVED_NAME, unavailable
 from rmtorch.score import RewardScorer
 from rmtorch.steps import separator_ids_of, step_prompt_ids, tokenize_steps_row
 from tests.conftest import train_argv, train_in_process, write_jsonl
-from tests.vllm.conftest import FAST_START_ENV, FAST_START_FLAGS, SCORED, save_base_model
+from tests.vllm.conftest import SCORED, fast_vllm_server, save_base_model
 
 pytestmark = [
     pytest.mark.vllm,
@@ -108,8 +108,8 @@ def pooler_config(step_tag_id: int) -> dict:
 def served(step_run):
     """vLLM's URL: its server started by docs/serve.md's command (`server_command`) plus the step model's
     --pooler-config."""
-    extra = ["--pooler-config", json.dumps(pooler_config(step_run["step_tag_id"])), *FAST_START_FLAGS]
-    with VllmServer(step_run["dir"], extra=extra, env=FAST_START_ENV) as server:
+    pooler = json.dumps(pooler_config(step_run["step_tag_id"]))
+    with fast_vllm_server(step_run["dir"], "--pooler-config", pooler) as server:
         yield server.url
 
 

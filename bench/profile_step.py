@@ -6,7 +6,8 @@
 Runs a few warm-up steps, then profiles `--steps` steps of the recipe's own pieces (the collator, `train_step`,
 clipping, the fused AdamW step) and sums each operator's self time into: matmul, attention, elementwise,
 casts (dtype conversions: autocast's weight and activation casts), optimizer, data (collation), host syncs,
-other. Prints the table, the CPU model and its matrix extensions; `--json` writes the figures.
+other. Prints the table, the CPU model and its matrix extensions (`--top N`: also the N operators with the most self
+time); `--json` writes the figures.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--packing", default="true", choices=("true", "false"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None, help="Write the figures here.")
+    parser.add_argument("--top", type=int, default=0, help="Also print the N operators with the most self time.")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -120,6 +122,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     for kind, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:12s} {seconds:7.3f} s  {seconds / total:6.1%}")
+    if args.top:
+        events = sorted(profile.key_averages(), key=lambda e: -e.self_cpu_time_total)[: args.top]
+        result["top_operators"] = [
+            {"name": e.key, "kind": kind_of(e.key), "seconds": e.self_cpu_time_total / 1e6, "calls": e.count}
+            for e in events
+        ]
+        for op in result["top_operators"]:
+            print(f"    {op['name'][:60]:60s} {op['kind']:12s} {op['seconds']:7.3f} s  {op['calls']:6d} calls")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -133,8 +133,11 @@ class RewardModel(nn.Module):
         else:
             hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         # Score every position, then pick: the head costs H flops a token, and this keeps the arithmetic
-        # identical to transformers' own forward (gradients match TRL bit for bit).
-        per_token = score_head(self.model)(hidden.last_hidden_state).squeeze(-1)  # (N, T)
+        # identical to transformers' own forward (gradients match TRL bit for bit). The head runs outside autocast,
+        # in the dtype of the hidden states (fp32 under autocast): in bf16 a reward near 5 has a step of 0.03, and
+        # close rewards came out equal (2 ties in 100 held-out pairs of the default run).
+        with torch.autocast(input_ids.device.type, enabled=False):
+            per_token = score_head(self.model)(hidden.last_hidden_state).squeeze(-1)  # (N, T)
         if step_index is not None:  # a process reward model: the head read at each step's end (rmtorch.steps)
             if step_index.dim() == 1:  # positions in one packed row
                 return per_token[0, step_index].float()

@@ -74,6 +74,20 @@ def test_packed_rewards_under_cpu_bf16_autocast_stay_close_to_fp32():
     torch.testing.assert_close(bf16, fp32, atol=0.1, rtol=0.05)
 
 
+def test_the_score_head_runs_outside_autocast_so_close_rewards_do_not_tie():
+    """Under bf16 autocast the body computes in bf16 but the head reads its fp32 hidden states in fp32: rewards are
+    not rounded to bf16's 8 bits (a step of 0.03 near 5), where close rewards used to come out equal."""
+    reward_model, pairs = block_model(), random_pairs()
+    inputs = model_inputs(PackedPairCollator(share_prompt=True)(pairs))
+    head = reward_model.model.score
+    seen = []
+    head.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype)))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rewards = reward_model(**inputs)
+    assert seen == [(torch.float32, torch.float32)]
+    assert (rewards != rewards.bfloat16().float()).any()  # finer than bf16: not bf16 values cast up
+
+
 def test_shared_prompt_rewards_equal_one_by_one():
     reward_model, pairs = block_model(), random_pairs()
     packed = PackedPairCollator(share_prompt=True)(pairs)

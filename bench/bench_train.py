@@ -220,11 +220,13 @@ def run_rmtorch(
     return result
 
 
-def bf16_reward_drift(model_path: str, pairs: list[dict]) -> dict:
-    """How far bf16 autocast moves the initial model's rewards from fp32 on the bench pairs (forward only)."""
+def bf16_reward_drift(model_path: str, pairs: list[dict], seed: int) -> dict:
+    """How far bf16 autocast moves the initial model's rewards from fp32 on the bench pairs (forward only); the
+    score head is drawn from `seed`, as the training runs draw theirs (else every bench run compared another head)."""
     from rmtorch.loading import load_reward_model
     from rmtorch.model import RewardModel, compute_rewards
 
+    torch.manual_seed(seed)
     model, tokenizer = load_reward_model(model_path)
     reward_model = RewardModel(model)
     sequences = [p["chosen_ids"] for p in pairs] + [p["rejected_ids"] for p in pairs]
@@ -329,7 +331,7 @@ def run_bench(args) -> dict:
                 flush=True,
             )
             runs.setdefault(f"{variant} {precision}", []).append(result)
-    drift = bf16_reward_drift(model_path, pairs[:8])
+    drift = bf16_reward_drift(model_path, pairs[:8], args.seed)
     return summarize(args, runs, peaks, num_params, total_tokens, lengths, drift)
 
 

@@ -1,5 +1,5 @@
 """Real data from ../shared: the eval report on LLMBar with a tiny model, and a short SmolLM2 run on
-LLaMA-Factory's dpo_en_demo pairs that must beat chance on held-out pairs (slow)."""
+LLaMA-Factory's dpo_en_demo pairs that must learn the pairs it trains on (slow)."""
 
 from __future__ import annotations
 
@@ -59,48 +59,63 @@ def test_eval_report_on_llmbar_scores_the_labelled_output_as_chosen(tmp_path, sm
         assert [score["chosen_reward"], score["rejected_reward"]] == pytest.approx(expected, rel=1e-4, abs=1e-4)
 
 
-# Measured on 2 shared CPU cores (bf16 autocast, seed 42): held-out accuracy 0.686 (24/35 pairs), mean margin
-# 0.363; the untrained model (same seed-42 head) scores 0.571 (20/35) with margin 0.071. LLMBar Natural after a
-# similar run stays at chance (0.517 on 87 pairs), so the held-out split of the training file is the honest check.
-MIN_HELD_OUT_ACCURACY = 0.60
-MIN_HELD_OUT_MARGIN = 0.20
+# What a 10-step run on real pairs can show: that it learns the pairs it trains on, measured paired (each pair's
+# margin after training against its margin under the untrained model, the same seed-42 head), with the mean gain
+# standing well clear of its own standard error. Held-out pairs cannot show it at this size: 35 of them fit in 256
+# tokens, and on 2026-12-08 (AMX Xeon, bf16) their mean margin gain was 0.23 with a per-pair spread of 1.11 (t 1.2;
+# accuracy 0.600, whose standard error is 0.08; 0.571 to 0.686 across equally good settings), so the earlier bar on
+# held-out accuracy (0.60) passed or failed by chance. Held-out figures are printed, not asserted; generalization is
+# the default run's to show (docs/benchmarks.md: 0.84 on 100 held-out pairs).
+# Measured the same day: 41 training pairs, gain 1.77 +- 0.96 (t 11.8), accuracy 0.512 -> 0.927.
+MIN_PAIRED_T = 3.0  # mean margin gain over its standard error: p < 0.003 on 40 pairs
+TRAIN_ARGS = [
+    "--eval_fraction", "0.5", "--max_length", "256", "--truncation", "keep_end", "--batch_size", "8", "--lr", "1e-4",
+    "--max_steps", "10",
+]  # fmt: skip
+
+
+def pair_margins(model_dir, pairs, tokenizer, seed: int | None = None) -> torch.Tensor:
+    """(N,) chosen-minus-rejected rewards of tokenized pairs under bf16 autocast; `seed` draws a new model's head."""
+    from transformers import set_seed
+
+    from rmtorch.loading import load_reward_model
+    from rmtorch.model import RewardModel, score_pairs
+
+    if seed is not None:
+        set_seed(seed)
+    model, _ = load_reward_model(str(model_dir))
+    chosen, rejected = score_pairs(
+        RewardModel(model), pairs, pad_token_id=tokenizer.pad_token_id, autocast_dtype=torch.bfloat16
+    )
+    return chosen - rejected
 
 
 @pytest.mark.slow
-def test_short_smollm2_run_beats_chance_on_held_out_dpo_pairs(tmp_path):
+def test_short_smollm2_run_learns_its_real_training_pairs(tmp_path):
     import train
+    from rmtorch.config import TrainConfig, parse_config
+    from rmtorch.loading import load_reward_model, resolve_model_path
 
-    train_file = shared_path("data", "llamafactory", "dpo_en_demo.json")
+    argv = ["--train_file", str(shared_path("data", "llamafactory", "dpo_en_demo.json")), *TRAIN_ARGS]
     out = tmp_path / "run"
-    train.main(
-        [
-            "--train_file",
-            str(train_file),
-            "--eval_fraction",
-            "0.5",
-            "--max_length",
-            "256",
-            "--truncation",
-            "keep_end",
-            "--batch_size",
-            "8",
-            "--lr",
-            "1e-4",
-            "--max_steps",
-            "10",
-            "--output_dir",
-            str(out),
-        ]
-    )
+    train.main([*argv, "--output_dir", str(out)])
     report = json.loads((out / "report" / "metrics.json").read_text())
+
+    cfg = parse_config([*argv, "--output_dir", str(tmp_path / "unused")], TrainConfig)
+    base = resolve_model_path(cfg.model)
+    _, tokenizer = load_reward_model(base)
+    train_set, _, _ = train.build_data(cfg, tokenizer)  # train.py's own split
+    untrained = pair_margins(base, train_set, tokenizer, seed=cfg.seed)  # the head train.py drew
+    gain = pair_margins(out, train_set, tokenizer) - untrained
+    t = (gain.mean() / (gain.std() / len(gain) ** 0.5)).item()
     summary = (
-        f"held-out accuracy {report['accuracy']:.3f}, margin {report['margin']:.3f} on {report['num_pairs']} pairs"
+        f"{len(gain)} training pairs: margin gain {gain.mean():.3f} +- {gain.std():.3f} (t {t:.1f}), accuracy "
+        f"{(untrained > 0).float().mean():.3f} -> {(gain + untrained > 0).float().mean():.3f}; held-out: accuracy "
+        f"{report['accuracy']:.3f}, margin {report['margin']:.3f} on {report['num_pairs']} pairs"
     )
-    assert report["num_pairs"] == 35, (
-        summary
-    )  # 150 held-out rows; keep_end at 256 tokens keeps the pairs whose responses fit
-    assert report["accuracy"] >= MIN_HELD_OUT_ACCURACY, summary
-    assert report["margin"] >= MIN_HELD_OUT_MARGIN, summary
+    print(summary)
+    assert report["num_pairs"] == 35, summary  # keep_end at 256 tokens keeps 35 of the 150 held-out rows
+    assert t >= MIN_PAIRED_T, summary
 
 
 @pytest.mark.slow

@@ -22,7 +22,10 @@ The final loss is each trained model's pair-weighted loss over the same pairs (u
 bf16's effect on accuracy: rmtorch is also trained once in fp32 (`--fp32_check`), and the initial model's
 rewards on 8 pairs are compared between fp32 and bf16 autocast (largest difference, pair-order agreement).
 
-Writes bench/results/latest.json (read-modify-write: other benches own other keys) and prints a table.
+Before anything is timed, `--warm_memory_gib` GiB are written once in a child process (machine.warm_memory): on a
+freshly started virtual machine the first write of memory costs several times a later one, which favoured whichever
+variant ran later. Writes bench/results/latest.json (read-modify-write: other benches own other keys) and prints a
+table.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 from benchlib import RESULTS_FILE, run_benchmark, write_results
-from machine import cpu_info, matmul_peak_gflops
+from machine import cpu_info, matmul_peak_gflops, warm_memory
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -309,6 +312,8 @@ def run_bench(args) -> dict:
     lengths = [len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs]
     total_tokens = sum(lengths)
     num_params = matmul_params(load_reward_model(model_path)[0])
+    warmed = warm_memory(args.warm_memory_gib)  # every variant's first steps then write memory in the same state
+    print(f"memory: wrote {warmed['gib']} GiB before timing (last GiB {warmed['last_gib_s'] or 0:.2f} s)", flush=True)
     peaks = {"fp32": 0.0, "bf16": 0.0}
     runs: dict[str, list[dict]] = {}
     for round_index in range(args.rounds):
@@ -332,7 +337,9 @@ def run_bench(args) -> dict:
             )
             runs.setdefault(f"{variant} {precision}", []).append(result)
     drift = bf16_reward_drift(model_path, pairs[:8], args.seed)
-    return summarize(args, runs, peaks, num_params, total_tokens, lengths, drift)
+    summary = summarize(args, runs, peaks, num_params, total_tokens, lengths, drift)
+    summary["train_memory_warmed"] = warmed
+    return summary
 
 
 def run_scaling(args) -> dict:
@@ -481,7 +488,8 @@ def markdown_table(summary: dict) -> str:
         f"{config['batch_size']} pairs, "
         f"{config['steps']} steps, {config['threads']} thread(s); {host['cpu']}, {host['cores']} cores, torch "
         f"{host['torch']}, "
-        f"1-min load {host['load_avg_1min_at_end']:.1f} at the end, {host['date']}."
+        f"1-min load {host['load_avg_1min_at_end']:.1f} at the end, {host['date']}; "
+        f"{summary.get('train_memory_warmed', {}).get('gib', 0)} GiB of memory written before timing."
     )
     drift = summary.get("train_bf16_reward_drift")
     if drift:
@@ -531,6 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="torch threads for every variant (0: torch's default). Use 1 on a shared, oversubscribed machine.",
+    )
+    parser.add_argument(
+        "--warm_memory_gib",
+        type=float,
+        default=12,
+        help="GiB written once before timing (bench/machine.py warm_memory; 0: none): on a freshly started virtual "
+        "machine the first write of memory costs several times a later one.",
     )
     parser.add_argument("--no_write", action="store_true", help="Print only; leave bench/results/latest.json alone.")
     parser.add_argument(

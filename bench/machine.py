@@ -47,6 +47,17 @@ def matmul_peak_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -
     return 2 * size**3 / best / 1e9
 
 
+def available_gib() -> float:
+    """Memory available to a new process, in GiB: Linux's MemAvailable (free memory plus the page cache it can drop),
+    else the free pages."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20  # kB
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
 def write_gib(count: int) -> None:
     """Write `count` GiB, one GiB at a time, keeping all of it, and print each GiB's seconds (warm_memory's child)."""
     kept = []
@@ -57,15 +68,14 @@ def write_gib(count: int) -> None:
 
 
 def warm_memory(gib: float) -> dict:
-    """Write `gib` GiB once in a child process (at most half the memory free now), before anything is timed.
+    """Write `gib` GiB once in a child process (at most half the memory available now), before anything is timed.
 
     On the project's virtual machines memory that the host has never backed costs about 12 us per 4 KiB page on first
     write, against about 1.3 us once backed (docs/benchmarks.md, 2026-12-08): a freshly started machine ran every
     training variant 20-26% slower, and whichever variant first touched the most memory paid the most. Pages stay
     backed after the child exits, so every variant then runs on memory in the same state. Returns the GiB written and
     the seconds of the first and the last GiB (on the AMX Xeon about 0.2 s a GiB once backed, 1.8 s before)."""
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30 if hasattr(os, "sysconf") else 0.0
-    count = int(min(gib, free / 2))
+    count = int(min(gib, available_gib() / 2))
     if count < 1:
         return {"gib": 0, "first_gib_s": None, "last_gib_s": None}
     here = str(Path(__file__).parent)

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-from bench.machine import warm_memory
-
-FREE_GIB = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+from bench.machine import available_gib, warm_memory
 
 
-@pytest.mark.skipif(FREE_GIB < 3, reason="needs 3 GiB of free memory")
+@pytest.mark.skipif(available_gib() < 3, reason="needs 3 GiB of available memory")
 def test_warm_memory_writes_whole_gibs_in_a_child_and_times_them():
     warmed = warm_memory(1.5)
     assert warmed["gib"] == 1  # whole GiBs
@@ -20,3 +16,7 @@ def test_warm_memory_writes_whole_gibs_in_a_child_and_times_them():
 
 def test_warm_memory_writes_nothing_below_one_gib():
     assert warm_memory(0) == warm_memory(0.5) == {"gib": 0, "first_gib_s": None, "last_gib_s": None}
+
+
+def test_available_memory_is_read_from_the_system():
+    assert 0 < available_gib() < 2**20

@@ -489,7 +489,7 @@ def markdown_table(summary: dict) -> str:
         f"{config['steps']} steps, {config['threads']} thread(s); {host['cpu']}, {host['cores']} cores, torch "
         f"{host['torch']}, "
         f"1-min load {host['load_avg_1min_at_end']:.1f} at the end, {host['date']}; "
-        f"{summary.get('train_memory_warmed', {}).get('gib', 0)} GiB of memory written before timing."
+        f"{summary['train_memory_warmed']['gib']} GiB of memory written before timing."
     )
     drift = summary.get("train_bf16_reward_drift")
     if drift:

@@ -75,16 +75,10 @@ TRAIN_ARGS = [
 ]  # fmt: skip
 
 
-def pair_margins(model_dir, pairs, tokenizer, seed: int | None = None) -> torch.Tensor:
-    """(N,) chosen-minus-rejected rewards of tokenized pairs under bf16 autocast; `seed` draws a new model's head."""
-    from transformers import set_seed
-
-    from rmtorch.loading import load_reward_model
+def pair_margins(model, pairs, tokenizer) -> torch.Tensor:
+    """(N,) chosen-minus-rejected rewards of tokenized pairs under bf16 autocast."""
     from rmtorch.model import RewardModel, score_pairs
 
-    if seed is not None:
-        set_seed(seed)
-    model, _ = load_reward_model(str(model_dir))
     chosen, rejected = score_pairs(
         RewardModel(model), pairs, pad_token_id=tokenizer.pad_token_id, autocast_dtype=torch.bfloat16
     )
@@ -93,6 +87,8 @@ def pair_margins(model_dir, pairs, tokenizer, seed: int | None = None) -> torch.
 
 @pytest.mark.slow
 def test_short_smollm2_run_learns_its_real_training_pairs(tmp_path):
+    from transformers import set_seed
+
     import train
     from rmtorch.config import TrainConfig, parse_config
     from rmtorch.loading import load_reward_model, resolve_model_path
@@ -103,11 +99,11 @@ def test_short_smollm2_run_learns_its_real_training_pairs(tmp_path):
     report = json.loads((out / "report" / "metrics.json").read_text())
 
     cfg = parse_config([*argv, "--output_dir", str(tmp_path / "unused")], TrainConfig)
-    base = resolve_model_path(cfg.model)
-    _, tokenizer = load_reward_model(base)
+    set_seed(cfg.seed)
+    untrained_model, tokenizer = load_reward_model(resolve_model_path(cfg.model))  # the head train.py drew
     train_set, _, _ = train.build_data(cfg, tokenizer)  # train.py's own split
-    untrained = pair_margins(base, train_set, tokenizer, seed=cfg.seed)  # the head train.py drew
-    gain = pair_margins(out, train_set, tokenizer) - untrained
+    untrained = pair_margins(untrained_model, train_set, tokenizer)
+    gain = pair_margins(load_reward_model(str(out))[0], train_set, tokenizer) - untrained
     t = (gain.mean() / (gain.std() / len(gain) ** 0.5)).item()
     summary = (
         f"{len(gain)} training pairs: margin gain {gain.mean():.3f} +- {gain.std():.3f} (t {t:.1f}), accuracy "
